@@ -1,0 +1,234 @@
+"""The public layer (issue 2): forward and both gradient modes against the float64 reference,
+argument conventions of conv2d, layouts, errors, and torch.compile. Runs the CPU path (see conftest)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import triton_adder
+from tests.tolerance import assert_matches_reference
+from triton_adder import reference
+from triton_adder.functional import resolve_geometry
+
+# (N, Cin, H, W, Cout, kernel, stride, padding, dilation, groups, bias): odd sizes so that no
+# tile or chunk boundary can hide behind a power of two. Pairwise-style coverage, not a full
+# product, because each new shape costs a compile on the CPU path.
+CASES = [
+    (5, 7, 11, 13, 3, 3, 1, 0, 1, 1, False),
+    (2, 4, 11, 13, 6, 3, 2, 1, 1, 2, True),
+    (2, 3, 9, 7, 5, (3, 2), (3, 1), (2, 1), (2, 1), 1, True),
+    (1, 6, 10, 9, 6, 3, 1, "same", 2, 6, False),  # depthwise, dilated "same"
+    (3, 4, 8, 8, 4, 2, 1, "same", 1, 1, True),  # even kernel: asymmetric "same" padding
+    (2, 5, 7, 12, 7, 1, 2, 0, 1, 1, False),  # 1x1 stride-2 downsample
+    (2, 6, 6, 5, 4, 3, 1, "valid", 1, 2, False),
+]
+
+
+def _inputs(case, dtype=torch.float32, seed=0):
+    n, cin, h, w, cout, k, stride, padding, dilation, groups, bias = case
+    gen = torch.Generator().manual_seed(seed)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, cin, h, w, generator=gen).to(dtype)
+    weight = torch.randn(cout, cin // groups, kh, kw, generator=gen).to(dtype)
+    b = torch.randn(cout, generator=gen).to(dtype) if bias else None
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return x, weight, b, kwargs
+
+
+def _expected(x, weight, b, kwargs):
+    geom = resolve_geometry(tuple(x.shape[-2:]), tuple(weight.shape[2:]), **kwargs)
+    return reference.adder2d_forward(x, weight, b, geom), geom
+
+
+def _reduction_length(weight):
+    return weight.shape[1] * weight.shape[2] * weight.shape[3]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forward_matches_reference(case, dtype):
+    x, weight, b, kwargs = _inputs(case, dtype)
+    expected, _ = _expected(x, weight, b, kwargs)
+    y = triton_adder.adder2d(x, weight, b, **kwargs)
+    assert y.dtype == dtype
+    assert_matches_reference(y, expected, dtype, _reduction_length(weight))
+
+
+def test_output_size_matches_conv2d():
+    for case in CASES:
+        x, weight, b, kwargs = _inputs(case)
+        assert triton_adder.adder2d(x, weight, b, **kwargs).shape == F.conv2d(x, weight, b, **kwargs).shape
+
+
+def test_padded_taps_contribute_minus_abs_weight():
+    # 1x1 input, 3x3 kernel, padding 1: eight taps read zeros, one reads x.
+    x = torch.tensor([[[[2.0]]]])
+    weight = torch.arange(9.0).reshape(1, 1, 3, 3) - 4
+    y = triton_adder.adder2d(x, weight, padding=1)
+    expected = -(weight.abs().sum() - weight[0, 0, 1, 1].abs() + (2.0 - weight[0, 0, 1, 1]).abs())
+    assert y.item() == pytest.approx(expected.item())
+
+
+def test_unbatched_and_batch_of_one():
+    x, weight, b, kwargs = _inputs(CASES[1])
+    batched = triton_adder.adder2d(x[:1], weight, b, **kwargs)
+    unbatched = triton_adder.adder2d(x[0], weight, b, **kwargs)
+    assert unbatched.shape == batched.shape[1:]
+    torch.testing.assert_close(unbatched, batched[0])
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
+def test_layouts_give_same_result(layout):
+    x, weight, b, kwargs = _inputs(CASES[1])
+    expected = triton_adder.adder2d(x, weight, b, **kwargs)
+    if layout == "channels_last":
+        x_layout = x.contiguous(memory_format=torch.channels_last)
+    else:  # every other column of a wider tensor: strides no kernel can assume
+        x_layout = torch.randn(*x.shape[:3], 2 * x.shape[3])[..., ::2]
+        x_layout.copy_(x)
+        assert not x_layout.is_contiguous()
+    y = triton_adder.adder2d(x_layout, weight, b, **kwargs)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-5)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_empty_batch_returns_empty_output():
+    x, weight, b, kwargs = _inputs(CASES[1])
+    x = x[:0].requires_grad_()
+    y = triton_adder.adder2d(x, weight, b, **kwargs)
+    assert y.shape == F.conv2d(x, weight, b, **kwargs).shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("grad_mode", ["paper", "exact"])
+def test_gradients_match_formulas(case, grad_mode):
+    x, weight, b, kwargs = _inputs(case, seed=1)
+    x.requires_grad_()
+    weight.requires_grad_()
+    if b is not None:
+        b.requires_grad_()
+    y = triton_adder.adder2d(x, weight, b, grad_mode=grad_mode, **kwargs)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    geom = resolve_geometry(tuple(x.shape[-2:]), tuple(weight.shape[2:]), **kwargs)
+    grad_x, grad_w = reference.adder2d_backward(grad_out, x.detach(), weight.detach(), geom, grad_mode)
+    cout, _, kh, kw = weight.shape
+    n = x.shape[0]
+    assert_matches_reference(x.grad, grad_x, torch.float32, cout // kwargs["groups"] * kh * kw)
+    assert_matches_reference(weight.grad, grad_w, torch.float32, n * geom.out_size[0] * geom.out_size[1])
+    if b is not None:
+        torch.testing.assert_close(b.grad, grad_out.sum(dim=(0, 2, 3)))
+
+
+def test_exact_mode_is_autograd_of_reference():
+    # Independent of the hand-written backward formulas: autograd through the float64 reference.
+    x, weight, b, kwargs = _inputs(CASES[2], seed=2)
+    x64 = x.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    geom = resolve_geometry(tuple(x.shape[-2:]), tuple(weight.shape[2:]), **kwargs)
+    out = reference.adder2d_forward(x64, w64, None, geom)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    x32, w32 = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    triton_adder.adder2d(x32, w32, grad_mode="exact", **kwargs).backward(grad_out.float())
+    assert_matches_reference(x32.grad, x64.grad, torch.float32, weight.shape[0] * 6)
+    assert_matches_reference(w32.grad, w64.grad, torch.float32, x.shape[0] * geom.out_size[0] * geom.out_size[1])
+
+
+def test_gradients_of_low_precision_inputs_keep_dtype():
+    x, weight, b, kwargs = _inputs(CASES[0], torch.float16)
+    x.requires_grad_()
+    weight.requires_grad_()
+    triton_adder.adder2d(x, weight, **kwargs).sum().backward()
+    assert x.grad.dtype == torch.float16 and weight.grad.dtype == torch.float16
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        triton_adder.Adder2d(4, 6, 3, stride=2, padding=1),
+        torch.nn.BatchNorm2d(6),
+        torch.nn.ReLU(),
+    )
+    x = torch.randn(2, 3, 9, 9)
+    eager = model(x)
+    eager.sum().backward()
+    eager_grad = model[2].weight.grad.clone()
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(model[2].weight.grad, eager_grad, rtol=1e-5, atol=1e-4)
+
+
+def test_module_matches_functional_and_reprs():
+    layer = triton_adder.Adder2d(4, 6, 3, stride=2, padding="same" if False else 1, groups=2, bias=True)
+    assert "4, 6, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), groups=2" in repr(layer)
+    x = torch.randn(2, 4, 7, 7)
+    torch.testing.assert_close(layer(x), triton_adder.adder2d(x, layer.weight, layer.bias, 2, 1, 1, 2))
+    assert layer.weight.shape == (6, 2, 3, 3) and layer.bias.shape == (6,)
+
+
+def test_reset_parameters_draws_standard_normal_weights():
+    torch.manual_seed(0)
+    layer = triton_adder.Adder2d(64, 64, 3)
+    # 36,864 draws: the sample std of N(0, 1) is within 0.02 of 1 with overwhelming probability.
+    assert abs(layer.weight.std().item() - 1.0) < 0.02 and abs(layer.weight.mean().item()) < 0.02
+    assert triton_adder.Adder2d(2, 2, 1, bias=True).bias.abs().sum() == 0
+
+
+def test_module_dtype_and_same_padding():
+    layer = triton_adder.Adder2d(3, 5, (2, 4), padding="same", dtype=torch.float64)
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == (2, 5, 6, 7) and y.dtype == torch.float64
+    expected, _ = _expected(x, layer.weight.detach(), None, dict(padding="same"))
+    assert_matches_reference(y, expected, torch.float64, 24)
+
+
+ERRORS = [
+    (lambda x, w: triton_adder.adder2d(x[0, 0], w), ValueError, "input must be a 3-d"),
+    (lambda x, w: triton_adder.adder2d(x, w[0]), ValueError, "weight must be a 4-d"),
+    (lambda x, w: triton_adder.adder2d(x[:, :3], w), ValueError, "input has 3 channels"),
+    (lambda x, w: triton_adder.adder2d(x, w[:, :2], groups=3), ValueError, "groups \\(3\\) must divide"),
+    (lambda x, w: triton_adder.adder2d(x, w.double()), TypeError, "weight dtype"),
+    (lambda x, w: triton_adder.adder2d(x.int(), w), TypeError, "input dtype must be one of"),
+    (lambda x, w: triton_adder.adder2d(x, w.to("meta")), ValueError, "weight is on meta"),
+    (lambda x, w: triton_adder.adder2d(x[..., :2, :2], w), ValueError, "larger than the padded input"),
+    (lambda x, w: triton_adder.adder2d(x, w, grad_mode="sign"), ValueError, "grad_mode must be one of"),
+    (lambda x, w: triton_adder.adder2d(x, w, stride=0), ValueError, "stride must be"),
+    (lambda x, w: triton_adder.adder2d(x, w, padding="full"), ValueError, "padding must be"),
+    (lambda x, w: triton_adder.adder2d(x, w, padding="same", stride=2), ValueError, "padding='same'"),
+    (lambda x, w: triton_adder.adder2d(x, w, dilation=(1, 2, 3)), ValueError, "dilation must be"),
+    (lambda x, w: triton_adder.adder2d(x, w, torch.zeros(3)), ValueError, "bias must be None or"),
+    (lambda x, w: triton_adder.Adder2d(4, 4, 3, padding_mode="reflect"), ValueError, "padding_mode must be 'zeros'"),
+    (lambda x, w: triton_adder.Adder2d(4, 6, 3, groups=4), ValueError, "groups \\(4\\) must divide"),
+    (lambda x, w: triton_adder.Adder2d(4, 6, 3, grad_mode="sign"), ValueError, "grad_mode must be one of"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", ERRORS)
+def test_bad_arguments_raise_clear_errors(call, error, message):
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    with pytest.raises(error, match=message):
+        call(x, w)
+
+
+def test_dispatch_rules(monkeypatch):
+    from triton_adder import ops
+
+    x = torch.zeros(1)
+    with ops.use_backend(None):
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert ops.backend_name(x) == "cpu"
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert ops.backend_name(x) == "triton"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with ops.use_backend("cuda"):
+            pass

@@ -1,0 +1,146 @@
+"""`adder2d`: the functional adder layer, with `torch.nn.functional.conv2d`'s argument conventions.
+
+All argument checking lives here: backends receive validated tensors and a resolved
+`Conv2dGeometry`, and can trust them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from triton_adder import ops
+from triton_adder.geometry import Conv2dGeometry
+
+GRAD_MODES = ("paper", "exact")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """int or pair of ints, each >= minimum -> (a, b); otherwise a ValueError naming `name`."""
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else None
+    if (
+        pair is None
+        or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)
+    ):
+        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
+    return pair
+
+
+def resolve_geometry(
+    input_size: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> Conv2dGeometry:
+    """Resolve Conv2d-style arguments for an (H, W) input and (kh, kw) kernel into a geometry.
+
+    padding: int, pair, "valid" (no padding) or "same" (output size = input size, stride 1 only;
+    an odd total padding puts the extra row/column at the bottom/right, as conv2d does).
+    """
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding_before, padding_after = (0, 0), (0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding='same' is not supported for strided adders (stride={stride}); use stride=1")
+            totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+            padding_before = tuple(t // 2 for t in totals)
+            padding_after = tuple(t - t // 2 for t in totals)
+        else:
+            raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    else:
+        padding_before = padding_after = _pair(padding, "padding", 0)
+    out_size = []
+    for size, k, s, d, before, after, axis in zip(
+        input_size, kernel_size, stride, dilation, padding_before, padding_after, ("height", "width")
+    ):
+        reach = d * (k - 1) + 1
+        if size + before + after < reach:
+            raise ValueError(
+                f"kernel {axis} with dilation ({reach}) is larger than the padded input {axis} "
+                f"({size} + padding {before + after} = {size + before + after})"
+            )
+        out_size.append((size + before + after - reach) // s + 1)
+    return Conv2dGeometry(stride, padding_before, dilation, groups, tuple(out_size))
+
+
+def _check_tensors(input: torch.Tensor, weight: torch.Tensor, bias, groups) -> None:
+    if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4):
+        shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+        raise ValueError(f"input must be a 3-d (C, H, W) or 4-d (N, C, H, W) tensor, got {shape}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 4-d (out_channels, in_channels/groups, kh, kw) tensor, got {shape}")
+    if input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"input dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {input.dtype}")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"weight dtype ({weight.dtype}) must match input dtype ({input.dtype})")
+    if weight.device != input.device:
+        raise ValueError(f"weight is on {weight.device} but input is on {input.device}; they must be on one device")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    in_channels, out_channels = input.shape[-3], weight.shape[0]
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"groups ({groups}) must divide both input channels ({in_channels}) and output channels ({out_channels})"
+        )
+    if weight.shape[1] * groups != in_channels:
+        raise ValueError(
+            f"input has {in_channels} channels but weight expects {weight.shape[1]} x groups {groups} = "
+            f"{weight.shape[1] * groups} (weight shape {tuple(weight.shape)})"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (out_channels,):
+            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be None or a tensor of shape ({out_channels},), got {shape}")
+        if bias.dtype != input.dtype or bias.device != input.device:
+            raise TypeError(
+                f"bias ({bias.dtype}, {bias.device}) must match input dtype and device ({input.dtype}, {input.device})"
+            )
+
+
+def adder2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    grad_mode: str = "paper",
+) -> torch.Tensor:
+    """Adder layer: ``Y[n,t,p,q] = bias[t] - sum_{k,i,j} |Xpad[n, g*Cg+k, p*s+i*d, q*s+j*d] - W[t,k,i,j]|``.
+
+    Arguments follow `torch.nn.functional.conv2d`.
+
+    Args:
+        input: (N, Cin, H, W) or unbatched (Cin, H, W); float16, bfloat16, float32 or float64.
+            NCHW, channels_last and non-contiguous layouts all work; the output keeps the layout.
+        weight: (Cout, Cin / groups, kh, kw), same dtype and device as input.
+        bias: optional (Cout,).
+        stride, dilation: int or (h, w) pair, >= 1.
+        padding: int or (h, w) pair >= 0, or "valid" / "same". Zero padding: a padded tap
+            contributes ``-|w|``, as in the published implementation.
+        groups: splits channels as in conv2d; must divide Cin and Cout.
+        grad_mode: "paper" (default): full-precision weight gradient ``gY * (X - W)`` (eq. 5) and
+            HardTanh input gradient ``gY * clamp(W - X, -1, 1)`` (eq. 6); "exact": the true sign
+            derivatives. No learning-rate scaling happens here; see `triton_adder.adaptive_lr_`.
+
+    Returns:
+        (N, Cout, Ho, Wo), or (Cout, Ho, Wo) for unbatched input, in input's dtype (float16 and
+        bfloat16 accumulate in float32).
+    """
+    _check_tensors(input, weight, bias, groups)
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    geom = resolve_geometry(tuple(input.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation, groups)
+    output = ops.adder2d_op(input, weight, bias, geom, grad_mode)
+    return output.squeeze(0) if unbatched else output

@@ -1,0 +1,101 @@
+"""`Adder2d`: a drop-in replacement for `torch.nn.Conv2d` computing a negative L1 distance."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from triton_adder.functional import GRAD_MODES, _pair, adder2d
+
+
+class Adder2d(nn.Module):
+    """Adder layer with `nn.Conv2d`'s signature (arXiv 1912.13200).
+
+    ``Y[n,t,p,q] = bias[t] - sum_{k,i,j} |Xpad[n, g*Cg+k, p*s+i*d, q*s+j*d] - W[t,k,i,j]|``
+
+    Shapes: input (N, Cin, H, W) or (Cin, H, W); output (N, Cout, Ho, Wo) or (Cout, Ho, Wo) with
+    ``Ho = (H + pad_top + pad_bottom - dilation*(kh-1) - 1) // stride + 1`` (same for Wo).
+    `weight` is (Cout, Cin/groups, kh, kw) and `bias` (Cout,) when ``bias=True``.
+
+    Differences from Conv2d: ``bias`` defaults to False (AdderNets put BatchNorm after every
+    adder layer, as the paper does); only ``padding_mode="zeros"`` exists (a padded tap
+    contributes ``-|w|``); ``grad_mode`` selects the paper's gradients ("paper", default) or the
+    true sign derivatives ("exact"); see `triton_adder.adder2d`.
+
+    Initialisation: weights ~ N(0, 1), as in the published code. An adder filter is a template
+    compared with its input patch, so it must live on the input's scale (BatchNorm-normalised
+    activations, ~N(0, 1)); Conv2d's Kaiming scale (~1/sqrt(fan_in)) would put every filter near
+    zero, so every output channel would start as nearly the same ``-sum |x|``. Bias starts at 0.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        grad_mode: str = "paper",
+    ):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels ({out_channels})"
+            )
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"padding_mode must be 'zeros' (the only padding AdderNet defines), got {padding_mode!r}"
+            )
+        if grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride = _pair(stride, "stride", 1)
+        self.dilation = _pair(dilation, "dilation", 1)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError(f"padding='same' is not supported for strided adders (stride={self.stride})")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding, "padding", 0)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.padding_mode, self.grad_mode = padding_mode, grad_mode
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """weight ~ N(0, 1) (the published initialisation; see the class docstring), bias = 0."""
+        nn.init.normal_(self.weight, 0.0, 1.0)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return adder2d(
+            input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.grad_mode
+        )
+
+    def extra_repr(self) -> str:
+        text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            text += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        if self.bias is None:
+            text += ", bias=False"
+        if self.grad_mode != "paper":
+            text += f", grad_mode={self.grad_mode!r}"
+        return text

@@ -1,0 +1,175 @@
+"""torch.library registration of the adder op: custom op, fake (meta) kernel, autograd, dispatch.
+
+Three custom ops (forward, input gradient, weight gradient) so that `torch.compile(fullgraph=True)`
+traces models with adder layers, forward and backward: the compiler sees opaque ops with fake
+implementations that only compute shapes. Each op dispatches at run time:
+
+- CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set: the Triton kernels
+  (`triton_adder.kernels`), with the launch config the tuner cached for this shape, if any;
+- other CPU tensors: the memory-bounded CPU path (`triton_adder.cpu`).
+
+`use_backend` forces one of them (tests use it to run both paths in one process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from types import ModuleType
+
+import torch
+
+from triton_adder.geometry import Conv2dGeometry
+
+BACKENDS = ("cpu", "triton")
+_forced_backend: str | None = None
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force backend `name` ("cpu", "triton" or None for automatic) inside the `with` block."""
+    global _forced_backend
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    previous, _forced_backend = _forced_backend, name
+    try:
+        yield
+    finally:
+        _forced_backend = previous
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend_name(x: torch.Tensor) -> str:
+    """Which backend runs for tensors like `x` (see the module docstring)."""
+    if _forced_backend is not None:
+        return _forced_backend
+    return "triton" if x.is_cuda or triton_interpreter_enabled() else "cpu"
+
+
+def _backend(x: torch.Tensor) -> ModuleType:
+    if backend_name(x) == "cpu":
+        from triton_adder import cpu  # noqa: PLC0415  (imports torch.compile machinery lazily)
+
+        return cpu
+    from triton_adder.kernels import dispatch  # noqa: PLC0415  (imports triton lazily)
+
+    return dispatch
+
+
+def _geometry(stride, padding, dilation, groups, out_size) -> Conv2dGeometry:
+    return Conv2dGeometry(tuple(stride), tuple(padding), tuple(dilation), int(groups), tuple(out_size))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is laid out that way (and not also NCHW-contiguous), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@torch.library.custom_op("triton_adder::adder2d", mutates_args=())
+def _adder2d_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    out_size: list[int],
+    grad_mode: str,
+) -> torch.Tensor:
+    # grad_mode is unused here; it rides along so the autograd formula can read it.
+    geom = _geometry(stride, padding, dilation, groups, out_size)
+    if x.shape[0] == 0:
+        return x.new_empty((0, weight.shape[0], *geom.out_size))
+    y = _backend(x).forward(x, weight, bias, geom)
+    return y.contiguous(memory_format=_memory_format(x))
+
+
+@_adder2d_forward.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, out_size, grad_mode):
+    shape = (x.shape[0], weight.shape[0], out_size[0], out_size[1])
+    return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
+
+
+@torch.library.custom_op("triton_adder::adder2d_grad_input", mutates_args=())
+def _adder2d_grad_input(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    out_size: list[int],
+    grad_mode: str,
+) -> torch.Tensor:
+    if x.shape[0] == 0:
+        return torch.zeros_like(x)
+    geom = _geometry(stride, padding, dilation, groups, out_size)
+    grad_x = _backend(x).grad_input(grad_out, x, weight, geom, grad_mode)
+    return grad_x.contiguous(memory_format=_memory_format(x))
+
+
+@_adder2d_grad_input.register_fake
+def _(grad_out, x, weight, stride, padding, dilation, groups, out_size, grad_mode):
+    return torch.empty_like(x, memory_format=_memory_format(x))
+
+
+@torch.library.custom_op("triton_adder::adder2d_grad_weight", mutates_args=())
+def _adder2d_grad_weight(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    out_size: list[int],
+    grad_mode: str,
+) -> torch.Tensor:
+    if x.shape[0] == 0:
+        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    geom = _geometry(stride, padding, dilation, groups, out_size)
+    return _backend(x).grad_weight(grad_out, x, weight, geom, grad_mode).contiguous()
+
+
+@_adder2d_grad_weight.register_fake
+def _(grad_out, x, weight, stride, padding, dilation, groups, out_size, grad_mode):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, out_size, grad_mode = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.geometry_args = (stride, padding, dilation, groups, out_size)
+    ctx.grad_mode = grad_mode
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    geometry_args = (*ctx.geometry_args, ctx.grad_mode)
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _adder2d_grad_input(grad_out, x, weight, *geometry_args)
+    if ctx.needs_input_grad[1]:
+        grad_w = _adder2d_grad_weight(grad_out, x, weight, *geometry_args)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad_out.sum(dim=(0, 2, 3))
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+_adder2d_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def adder2d_op(x: torch.Tensor, weight: torch.Tensor, bias, geom: Conv2dGeometry, grad_mode: str) -> torch.Tensor:
+    """Call the registered op with a resolved geometry (arguments already checked by `functional`)."""
+    return _adder2d_forward(
+        x, weight, bias, list(geom.stride), list(geom.padding), list(geom.dilation), geom.groups,
+        list(geom.out_size), grad_mode,
+    )
