@@ -1,0 +1,48 @@
+"""Generic autotuner for launch configs: search space, search, benchmarker, persistent cache.
+
+Knows nothing about what it tunes (it never imports triton_adder). Describe a problem as a
+`Tunable` (knobs, constraints, problem key, a runner, a default), `search` it with a benchmarker,
+and `TuningCache.store` the winner; at run time `TuningCache.lookup` finds it again.
+Tuned configs for known GPUs ship as read-only JSON in ``tuning/configs/``.
+"""
+
+from .benchmark import CudaEventBenchmarker, Measurement, WallClockBenchmarker, benchmarker_for
+from .cache import CacheHit, DeviceIdentity, TuningCache, bucket, device_identity, file_lock, user_cache_dir
+from .search import Evaluation, TuningResult, search
+from .space import (
+    Config,
+    Constraint,
+    Knob,
+    SearchSpace,
+    Tunable,
+    config_key,
+    estimate_at_most,
+    next_power_of_two,
+    tile_within,
+)
+
+__all__ = [
+    "CacheHit",
+    "Config",
+    "Constraint",
+    "CudaEventBenchmarker",
+    "DeviceIdentity",
+    "Evaluation",
+    "Knob",
+    "Measurement",
+    "SearchSpace",
+    "Tunable",
+    "TuningCache",
+    "TuningResult",
+    "WallClockBenchmarker",
+    "benchmarker_for",
+    "bucket",
+    "config_key",
+    "device_identity",
+    "estimate_at_most",
+    "file_lock",
+    "next_power_of_two",
+    "search",
+    "tile_within",
+    "user_cache_dir",
+]

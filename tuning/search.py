@@ -1,0 +1,177 @@
+"""Search a tunable's space: prune, coarse pass, local refinement, then verify the winner.
+
+Strategy (per problem, within a time budget):
+1. prune every config that breaks a constraint (no run at all);
+2. run the default config: the baseline time and the reference output;
+3. coarse pass: every second value of each knob (both ends kept), valid configs only;
+4. local refinement: from the `top_k` best configs so far, hill-climb over neighbours (one knob
+   one step) until no neighbour is faster;
+5. verify: the fastest config's output is compared with the default's; a mismatch (a
+   miscompile) is recorded and the next fastest is tried; the default always qualifies.
+A config that raises (compile error, out of resources, ...) is recorded as failed and skipped.
+When the budget runs out, the search stops and verifies what it has.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .space import Config, Tunable, config_key
+
+
+@dataclass
+class Evaluation:
+    """One config tried. status: "ok", "failed" (raised), "mismatch" (output differs from the default's)."""
+
+    config: Config
+    phase: str  # "default", "coarse", "refine"
+    status: str
+    time_s: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class TuningResult:
+    """Outcome of `search`. best is None only when the default config itself failed."""
+
+    name: str
+    problem: dict
+    default: Config
+    best: Config | None
+    best_time_s: float | None
+    default_time_s: float | None
+    functional: bool
+    evaluations: list[Evaluation] = field(default_factory=list)
+    space_size: int = 0
+    pruned: int = 0
+    elapsed_s: float = 0.0
+    budget_exhausted: bool = False
+
+    @property
+    def speedup(self) -> float | None:
+        """default time / best time (>= 1 when the search found something faster)."""
+        if not self.best_time_s or self.default_time_s is None:
+            return None
+        return self.default_time_s / self.best_time_s
+
+    @property
+    def failures(self) -> list[Evaluation]:
+        return [e for e in self.evaluations if e.status != "ok"]
+
+    @property
+    def runs(self) -> int:
+        """Configs measured (ok or failed), the default included: the search's cost."""
+        return len(self.evaluations)
+
+
+def _describe(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def search(
+    tunable: Tunable,
+    benchmarker,
+    budget_s: float = 60.0,
+    max_evaluations: int | None = None,
+    coarse_stride: int = 2,
+    top_k: int = 3,
+    verify_limit: int = 3,
+) -> TuningResult:
+    """Tune one problem. Returns a TuningResult; never raises for a failing config.
+
+    budget_s: wall-clock seconds for this problem (checked before each run; the default config and
+    the winner's verification always run). max_evaluations: optional cap on measured configs.
+    verify_limit: how many of the fastest configs to check against the default's output before
+    falling back to the default.
+    """
+    started = time.perf_counter()
+    evaluations: list[Evaluation] = []
+    tried: dict[tuple, Evaluation] = {}
+    result = TuningResult(
+        name=tunable.name,
+        problem=dict(tunable.problem),
+        default=dict(tunable.default),
+        best=None,
+        best_time_s=None,
+        default_time_s=None,
+        functional=bool(benchmarker.functional),
+        evaluations=evaluations,
+        space_size=len(tunable.space),
+    )
+
+    def out_of_budget() -> bool:
+        if max_evaluations is not None and len(evaluations) >= max_evaluations:
+            return True
+        return time.perf_counter() - started > budget_s
+
+    def evaluate(config: Config, phase: str) -> tuple[Evaluation, Any]:
+        output = None
+        try:
+            output = tunable.run(config)  # first call: compiles, warms up, gives the output
+            measurement = benchmarker.measure(lambda: tunable.run(config))
+            evaluation = Evaluation(dict(config), phase, "ok", time_s=measurement.time_s)
+        except Exception as error:  # a bad config is data, not a crash
+            evaluation = Evaluation(dict(config), phase, "failed", error=_describe(error))
+            output = None
+        evaluations.append(evaluation)
+        tried[config_key(config)] = evaluation
+        return evaluation, output
+
+    default_eval, reference = evaluate(dict(tunable.default), "default")
+    if default_eval.status != "ok":
+        result.elapsed_s = time.perf_counter() - started
+        return result
+    result.default_time_s = default_eval.time_s
+
+    valid = {}
+    for config in tunable.space:
+        if not tunable.violations(config):
+            valid[config_key(config)] = config
+    result.pruned = result.space_size - len(valid)
+
+    def try_config(config: Config, phase: str) -> Evaluation | None:
+        key = config_key(config)
+        if key in tried:
+            return tried[key]
+        if key not in valid or out_of_budget():
+            return None
+        return evaluate(config, phase)[0]
+
+    for config in tunable.space.coarse(coarse_stride):
+        if out_of_budget():
+            break
+        try_config(config, "coarse")
+
+    def ranked() -> list[Evaluation]:
+        return sorted((e for e in evaluations if e.status == "ok"), key=lambda e: e.time_s)
+
+    for seed in ranked()[:top_k]:
+        current = seed
+        while not out_of_budget():
+            candidates = [try_config(n, "refine") for n in tunable.space.neighbours(current.config)]
+            better = [c for c in candidates if c is not None and c.status == "ok" and c.time_s < current.time_s]
+            if not better:
+                break
+            current = min(better, key=lambda e: e.time_s)
+    result.budget_exhausted = out_of_budget()
+
+    for candidate in ranked()[: max(1, verify_limit)]:
+        if config_key(candidate.config) == config_key(tunable.default):
+            result.best, result.best_time_s = dict(candidate.config), candidate.time_s
+            break
+        try:
+            agrees = tunable.outputs_agree(tunable.run(candidate.config), reference)
+            reason = "output differs from the default config's"
+        except Exception as error:
+            agrees, reason = False, _describe(error)
+        if agrees:
+            result.best, result.best_time_s = dict(candidate.config), candidate.time_s
+            break
+        candidate.status, candidate.error = "mismatch", reason
+    if result.best is None:  # every checked candidate mismatched: keep the default
+        result.best, result.best_time_s = dict(tunable.default), default_eval.time_s
+    result.elapsed_s = time.perf_counter() - started
+    return result
