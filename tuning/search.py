@@ -3,7 +3,9 @@
 Strategy (per problem, within a time budget):
 1. prune every config that breaks a constraint (no run at all);
 2. run the default config: the baseline time and the reference output;
-3. coarse pass: every second value of each knob (both ends kept), valid configs only;
+3. coarse pass: every second value of each knob (both ends kept), valid configs only, in a
+   seeded shuffled order and with at most `coarse_fraction` of the budget, so a pass the budget
+   cuts short is still a spread-out sample (not one corner of the grid) and leaves time to refine;
 4. local refinement: from the `top_k` best configs so far, hill-climb over neighbours (one knob
    one step) until no neighbour is faster;
 5. verify: the fastest config's output is compared with the default's; a mismatch (a
@@ -14,6 +16,7 @@ When the budget runs out, the search stops and verifies what it has.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,13 +82,16 @@ def search(
     coarse_stride: int = 2,
     top_k: int = 3,
     verify_limit: int = 3,
+    coarse_fraction: float = 0.5,
+    seed: int = 0,
 ) -> TuningResult:
     """Tune one problem. Returns a TuningResult; never raises for a failing config.
 
     budget_s: wall-clock seconds for this problem (checked before each run; the default config and
     the winner's verification always run). max_evaluations: optional cap on measured configs.
     verify_limit: how many of the fastest configs to check against the default's output before
-    falling back to the default.
+    falling back to the default. coarse_fraction: share of budget_s the coarse pass may use.
+    seed: the coarse pass's visiting order (deterministic for a given seed).
     """
     started = time.perf_counter()
     evaluations: list[Evaluation] = []
@@ -140,8 +146,11 @@ def search(
             return None
         return evaluate(config, phase)[0]
 
-    for config in tunable.space.coarse(coarse_stride):
-        if out_of_budget():
+    coarse = [c for c in tunable.space.coarse(coarse_stride) if config_key(c) in valid]
+    random.Random(seed).shuffle(coarse)
+    coarse_deadline = started + coarse_fraction * budget_s
+    for config in coarse:
+        if out_of_budget() or time.perf_counter() > coarse_deadline:
             break
         try_config(config, "coarse")
 
