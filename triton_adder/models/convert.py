@@ -1,0 +1,104 @@
+"""`convert`: turn the convolutions of any module tree into adder layers."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+from torch import nn
+
+from triton_adder.functional import GRAD_MODES
+from triton_adder.nn import Adder2d
+
+
+def convert(
+    model: nn.Module,
+    *,
+    keep_first: bool = True,
+    keep_last: bool = True,
+    exclude: Iterable[str] = (),
+    copy_weights: bool = False,
+    grad_mode: str = "paper",
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace each `nn.Conv2d` of `model` by an `Adder2d` with the same hyperparameters.
+
+    The adder layer gets the convolution's in/out channels, kernel size, stride, padding,
+    dilation, groups, bias presence, device and dtype, so its weight has the same shape
+    (Cout, Cin/groups, kh, kw). Works on any module tree (torchvision's ResNets included).
+
+    keep_first / keep_last: leave the first / last `nn.Conv2d` in `model.named_modules()` order
+    multiplicative, the AdderNet recipe (the first layer sees raw pixels; in our models the last
+    convolution is the 1x1 classifier, so `convert(build(name, adder=False))` has the same
+    topology as `build(name, adder=True)`). In a model whose classifier is an `nn.Linear`, such as
+    torchvision's, the classifier is never converted and keep_last keeps its last convolution.
+    exclude: qualified names (as in `named_modules()`) of further convolutions to keep.
+    copy_weights: copy the convolution's weight and bias into the adder layer. Default False:
+    the adder layer keeps its own initialisation (weights ~ N(0, 1)), because a convolution's
+    weights, trained or Kaiming-initialised, are not useful adder templates.
+    grad_mode: the adder layers' backward, "paper" or "exact" (see `triton_adder.adder2d`).
+    inplace: modify `model` itself; by default a deep copy is converted and returned.
+
+    Returns the converted model. Its adder parameters are new tensors: build the optimizer after
+    converting. Raises ValueError for a convolution with padding_mode other than "zeros" (AdderNet
+    defines only zero padding; keep it with `exclude`) or an uninitialised lazy convolution.
+    """
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    if isinstance(exclude, str):
+        raise TypeError(f"exclude must be an iterable of module names, not a string ({exclude!r})")
+    exclude = set(exclude)
+    if not inplace:
+        model = copy.deepcopy(model)
+    # remove_duplicate=False: a convolution registered under two names (shared weights) becomes
+    # one adder layer registered under both names, so the sharing survives.
+    convs = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Conv2d)]
+    conv_names = [name for name, _ in convs]
+    unknown = sorted(exclude.difference(conv_names))
+    if unknown:
+        raise ValueError(f"exclude names modules that are not nn.Conv2d in the model: {unknown}")
+    keep = {id(module) for name, module in convs if name in exclude}
+    if convs and keep_first:
+        keep.add(id(convs[0][1]))
+    if convs and keep_last:
+        keep.add(id(convs[-1][1]))
+    replacements: dict[int, Adder2d] = {}
+    for name, conv in convs:
+        if id(conv) in keep:
+            continue
+        if id(conv) not in replacements:
+            replacements[id(conv)] = _adder_like(name, conv, copy_weights, grad_mode)
+        if name == "":  # the model itself is a convolution
+            return replacements[id(conv)]
+        parent_name, _, child_name = name.rpartition(".")
+        model.get_submodule(parent_name).add_module(child_name, replacements[id(conv)])
+    return model
+
+
+def _adder_like(name: str, conv: nn.Conv2d, copy_weights: bool, grad_mode: str) -> Adder2d:
+    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+        raise ValueError(f"convolution {name!r} is lazy and not initialised yet: run one forward pass first")
+    if conv.padding_mode != "zeros":
+        raise ValueError(
+            f"convolution {name!r} has padding_mode={conv.padding_mode!r}; adder layers support only 'zeros' "
+            f"(pass exclude=[{name!r}] to keep it)"
+        )
+    adder = Adder2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+        grad_mode=grad_mode,
+    )
+    if copy_weights:
+        adder.weight.data.copy_(conv.weight.data)
+        if conv.bias is not None:
+            adder.bias.data.copy_(conv.bias.data)
+    adder.train(conv.training)
+    return adder
