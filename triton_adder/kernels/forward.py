@@ -1,0 +1,250 @@
+"""Adder forward as an implicit GEMM: Y[n,t,p,q] = bias[t] - sum_{k,i,j} |Xpad[...] - W[t,k,i,j]|.
+
+DESIGN.md section 1 for the math, section 2 for why the kernel is shaped this way. Each program
+owns a BLOCK_M x BLOCK_N output tile: BLOCK_M positions of the flattened (n, oh, ow) axis (M =
+N*Ho*Wo) by BLOCK_N output channels of one group; the grid is (cdiv(M, BLOCK_M), cdiv(Cout/groups,
+BLOCK_N), groups). Nothing is unfolded in memory: the kernel taps (i, j) are compile-time outer
+loops (their row offsets and padding masks computed once per tap), the group's input channels the
+inner runtime loop in BLOCK_K steps, each step BLOCK_K unrolled rank-1 updates
+
+    acc[m, t] += |x[m, k] - w[k, t]|
+
+which compile to two FADDs per element (the |.| is a free operand modifier). A 3-D broadcast with
+`tl.sum(axis=1)` instead splits the K reduction across lanes and costs warp shuffles.
+
+Padding, stride and dilation are index arithmetic: a tap reading outside the input loads a zero and
+so contributes -|w| (the published code unfolds with zero padding). Layouts are strides: NCHW,
+channels_last and non-contiguous inputs are read in place and the output takes the input's memory
+format. Index math is int32 unless a tensor has 2^31 elements or more (constexpr USE_INT64).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_adder.geometry import Conv2dGeometry
+from triton_adder.kernels.config import KernelConfig
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Knob limits specific to this kernel (KernelConfig.validate covers the generic ranges).
+MAX_BLOCK_K = 64  # BLOCK_K rank-1 updates are unrolled: compile time grows linearly with it
+MAX_ACCUMULATORS_PER_THREAD = 128  # 255 registers per thread; beyond this the accumulator alone spills
+INT32_LIMIT = 2**31
+
+
+@triton.jit
+def _accumulate_abs_difference(acc, x_k, w_k, HALF_DIFFERENCE: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) float32 += |x_k[:, None] - w_k[None, :]|: one rank-1 update."""
+    if HALF_DIFFERENCE:
+        # x - w in float16 (packed HADD2 with the |.| modifier), then summed in float32.
+        return acc + tl.abs(x_k[:, None] - w_k[None, :]).to(tl.float32)
+    else:
+        return acc + tl.abs(x_k.to(tl.float32)[:, None] - w_k.to(tl.float32)[None, :])
+
+
+@triton.jit
+def adder2d_forward_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    M, channels_per_group, outputs_per_group, H, W, Ho, Wo,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wt, stride_wc, stride_wh, stride_ww,
+    stride_yn, stride_yc, stride_yw,
+    conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_INT64: tl.constexpr, HALF_DIFFERENCE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One BLOCK_M x BLOCK_N tile of y (N, Cout, Ho, Wo) for group program_id(2).
+
+    x: (N, Cin, H, W), w: (Cout, Cin/groups, KH, KW), bias: (Cout,), all addressed via strides.
+    HALF_DIFFERENCE: form x - w in the input dtype (float16: packed HADD2), accumulate in float32.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_t = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if USE_INT64:
+        offs_m = offs_m.to(tl.int64)
+        offs_t = offs_t.to(tl.int64)
+    m_valid = offs_m < M
+    t_valid = offs_t < outputs_per_group
+    ow = offs_m % Wo
+    oh = (offs_m // Wo) % Ho
+    n = offs_m // (Wo * Ho)
+    out_channel = group * outputs_per_group + offs_t
+
+    x_rows = x_ptr + n * stride_xn + (group * channels_per_group) * stride_xc  # (BLOCK_M,) pointers
+    w_cols = w_ptr + out_channel * stride_wt  # (BLOCK_N,) pointers
+
+    full_channels = channels_per_group - channels_per_group % BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in tl.static_range(KH):
+        ih = oh * conv_stride_h - pad_h + i * dil_h
+        row_in = m_valid & (ih >= 0) & (ih < H)
+        for j in tl.static_range(KW):
+            iw = ow * conv_stride_w - pad_w + j * dil_w
+            x_in = row_in & (iw >= 0) & (iw < W)
+            x_tap = x_rows + ih * stride_xh + iw * stride_xw
+            w_tap = w_cols + i * stride_wh + j * stride_ww
+            # Full BLOCK_K steps need no channel mask; the tail (if any) clamps k and zeroes its terms.
+            for k0 in range(0, full_channels, BLOCK_K):
+                for kk in tl.static_range(BLOCK_K):
+                    x_k = tl.load(x_tap + (k0 + kk) * stride_xc, mask=x_in, other=0.0)
+                    w_k = tl.load(w_tap + (k0 + kk) * stride_wc, mask=t_valid, other=0.0)
+                    acc = _accumulate_abs_difference(acc, x_k, w_k, HALF_DIFFERENCE)
+            if full_channels < channels_per_group:
+                for kk in tl.static_range(BLOCK_K):
+                    k = full_channels + kk
+                    k_safe = tl.minimum(k, channels_per_group - 1)
+                    x_k = tl.load(x_tap + k_safe * stride_xc, mask=x_in, other=0.0)
+                    w_k = tl.load(w_tap + k_safe * stride_wc, mask=t_valid, other=0.0)
+                    term = _accumulate_abs_difference(tl.zeros_like(acc), x_k, w_k, HALF_DIFFERENCE)
+                    acc += tl.where(k < channels_per_group, term, 0.0)
+
+    y_tile = -acc
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + out_channel, mask=t_valid, other=0.0).to(tl.float32)
+        y_tile += bias[None, :]
+    # y is allocated by the launcher, NCHW-contiguous or channels_last: in both, position
+    # (oh, ow) sits at (oh * Wo + ow) * stride_yw from the image start. One division per row instead
+    # of the two div/mod pairs above keeps the epilogue (recomputed in the store layout) out of spills.
+    image = offs_m // (Ho * Wo)
+    y_rows = image * stride_yn + (offs_m - image * (Ho * Wo)) * stride_yw
+    y_ptrs = y_ptr + y_rows[:, None] + out_channel[None, :] * stride_yc
+    tl.store(y_ptrs, y_tile.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & t_valid[None, :])
+
+
+KERNEL_SOURCE_HASH = hashlib.sha256(
+    "".join(inspect.getsource(f.fn) for f in (_accumulate_abs_difference, adder2d_forward_kernel)).encode()
+).hexdigest()
+"""sha256 of the kernel source: the tuner's cache keys on it so a kernel change invalidates winners."""
+
+
+def _next_power_of_two(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _max_element_offset(t: torch.Tensor) -> int:
+    """Largest element offset a kernel can form from t's strides (numel - 1 when contiguous)."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+
+
+def needs_int64_indexing(*tensors: torch.Tensor) -> bool:
+    """True when some tensor has 2^31 elements or more, or strides reaching that far: int32 would wrap."""
+    return any(t.numel() >= INT32_LIMIT or _max_element_offset(t) >= INT32_LIMIT for t in tensors)
+
+
+def validate_config(config: KernelConfig, argument: str = "config") -> KernelConfig:
+    """Check the generic ranges (KernelConfig.validate) and the limits of this kernel; return config."""
+    if not isinstance(config, KernelConfig):
+        raise ValueError(f"{argument} must be a KernelConfig or None, got {type(config).__name__}")
+    config.validate(argument)
+    if config.block_k > MAX_BLOCK_K:
+        raise ValueError(
+            f"{argument}.block_k must be at most {MAX_BLOCK_K} for the forward kernel (its BLOCK_K steps are "
+            f"unrolled), got {config.block_k}"
+        )
+    threads = 32 * config.num_warps
+    per_thread = config.block_m * config.block_n / threads
+    if per_thread > MAX_ACCUMULATORS_PER_THREAD:
+        raise ValueError(
+            f"{argument}: block_m * block_n / (32 * num_warps) = {config.block_m}*{config.block_n}/{threads} = "
+            f"{per_thread:g} float32 accumulators per thread; at most {MAX_ACCUMULATORS_PER_THREAD} fit in "
+            f"registers: use smaller blocks or more warps"
+        )
+    return config
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last if x is stored channels_last (and not also NCHW-contiguous), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def default_config(x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry) -> KernelConfig:
+    """Heuristic launch config for one shape, used when the tuner has nothing cached.
+
+    Screened on sm_90 SASS (benchmarks/sass_mix.py) for no spills and few instructions per element.
+    BLOCK_N follows Cout/groups (no idle columns for depthwise layers), BLOCK_K follows Cin/groups.
+    """
+    cout = weight.shape[0]
+    outputs_per_group = cout // geom.groups
+    channels_per_group = weight.shape[1]
+    m = x.shape[0] * geom.out_size[0] * geom.out_size[1]
+    block_n = min(64, max(16, _next_power_of_two(outputs_per_group)))
+    block_k = min(8, _next_power_of_two(channels_per_group))
+    if block_n == 64 and m >= 256 * 132:
+        return KernelConfig(block_m=256, block_n=64, block_k=block_k, num_warps=8, num_stages=2)
+    block_m = 128 if block_n == 64 else 256
+    return KernelConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=4, num_stages=2)
+
+
+def kernel_launch(x, weight, bias, y, geom: Conv2dGeometry, config: KernelConfig):
+    """(grid, positional args, keyword args) for adder2d_forward_kernel writing into y.
+
+    Shared by `forward` and the SASS screening script, so both see the same specialisation.
+    """
+    n, cin, h, w = x.shape
+    cout, channels_per_group, kh, kw = weight.shape
+    ho, wo = geom.out_size
+    outputs_per_group = cout // geom.groups
+    m = n * ho * wo
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(outputs_per_group, config.block_n), geom.groups)
+    args = (
+        x, weight, bias if bias is not None else y, y,
+        m, channels_per_group, outputs_per_group, h, w, ho, wo,
+        *x.stride(), *weight.stride(), y.stride(0), y.stride(1), y.stride(3),
+        *geom.stride, *geom.padding, *geom.dilation,
+    )  # fmt: skip
+    kwargs = dict(
+        KH=kh,
+        KW=kw,
+        HAS_BIAS=bias is not None,
+        USE_INT64=needs_int64_indexing(x, weight, y),
+        HALF_DIFFERENCE=x.dtype == torch.float16,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return grid, args, kwargs
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    geom: Conv2dGeometry,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Adder forward on the Triton kernel (backend contract).
+
+    x: (N, Cin, H, W) float32/float16/bfloat16, any strides (NCHW, channels_last, views);
+    weight: (Cout, Cin/groups, kh, kw) in x's dtype; bias: (Cout,) or None.
+    Returns y (N, Cout, Ho, Wo) in x's dtype and memory format; accumulation is float32.
+    config: launch config; None takes `default_config(x, weight, geom)`.
+    """
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x.dtype must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"weight and bias must have x's dtype {x.dtype}, got {weight.dtype}"
+                         f"{'' if bias is None else ' and ' + str(bias.dtype)}")
+    config = validate_config(default_config(x, weight, geom) if config is None else config)
+    n, cout = x.shape[0], weight.shape[0]
+    y = torch.empty((n, cout, *geom.out_size), dtype=x.dtype, device=x.device,
+                    memory_format=output_memory_format(x))
+    if y.numel() == 0:
+        return y
+    grid, args, kwargs = kernel_launch(x, weight, bias, y, geom, config)
+    adder2d_forward_kernel[grid](*args, **kwargs)
+    return y

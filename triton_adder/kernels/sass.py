@@ -1,0 +1,260 @@
+"""SASS instruction mix of the forward kernel's inner loop, per reduced element, compiled for sm_90.
+
+A GPU-free performance proxy (DESIGN.md sections 2 and 4): Triton compiles for an explicit Hopper
+target without a GPU, `cuobjdump` (shipped in the triton wheel) disassembles the cubin, and the
+innermost loop (the body of the hottest backward branch) is counted by instruction class. Each SASS
+instruction is issued once per warp and does one lane's work, so per-thread counts divided by the
+elements each thread reduces per loop iteration give instructions per reduced element.
+
+Targets (issue 3): float32 at most 2.2 FP32 ALU instructions per element (floor 2: FADD x - w, then
+FADD acc + |d|), no SHFL in the loop, no LDL/STL anywhere (spills). Run without TRITON_INTERPRET:
+
+    python -m triton_adder.kernels.sass --dtype float32 --block 128 64 8 --warps 4
+    python -m triton_adder.kernels.sass --all-defaults      # the heuristic default on model shapes
+
+The compile path mirrors Triton's launcher (same argument specialisation: divisibility by 16,
+ints equal to 1), through `JITFunction` internals of Triton 3.x; it is a developer tool, not an API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+# Instruction classes, by opcode (the text before the first '.'); HADD2.F32 is a half->float convert.
+OPCODE_CLASSES = {
+    "fp32_alu": {"FADD", "FMUL", "FFMA", "FMNMX", "FSEL", "FSET", "FSETP", "FCHK", "FSWZADD"},
+    "fp16_alu": {"HADD2", "HFMA2", "HMUL2", "HMNMX2", "HSET2", "HSETP2"},
+    "convert": {"F2F", "F2FP", "I2F", "F2I", "I2FP", "F2IP", "FRND"},
+    "int_alu": {"IMAD", "IADD3", "IADD", "LEA", "SHF", "LOP3", "ISETP", "SEL", "IMNMX", "IABS", "PRMT", "MOV",
+                "I2I", "FLO", "POPC", "BMSK", "SGXT", "VIADD", "VIMNMX", "IDP", "VABSDIFF", "VABSDIFF4"},
+    "uniform": set(),  # every U-prefixed opcode (UIADD3, UMOV, ULDC, ...), filled by `classify`
+    "predicate": {"PLOP3", "P2R", "R2P", "CSETP", "PSETP"},
+    "load_global": {"LDG", "LD"},
+    "store_global": {"STG", "ST", "RED", "ATOM", "ATOMG"},
+    "shared": {"LDS", "STS", "LDSM", "LDGSTS", "LDGDEPBAR", "DEPBAR", "ATOMS"},
+    "local_spill": {"LDL", "STL"},
+    "shuffle": {"SHFL"},
+    "control": {"BRA", "BRX", "JMP", "EXIT", "RET", "CALL", "BSSY", "BSYNC", "WARPSYNC", "BAR", "NOP", "YIELD",
+                "BPT", "ELECT", "S2R", "S2UR", "CS2R", "LDC", "MEMBAR", "ERRBAR", "CCTL", "VOTE", "VOTEU"},
+}
+_INSTRUCTION_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH_RE = re.compile(r"\bBRA(?:\.\S+)?\s+(?:`?\(?\.?L_x_\d+\)?|(0x[0-9a-f]+))")
+
+
+@dataclass
+class LoopMix:
+    """Instruction counts of one loop body (per thread, per iteration) and of the whole kernel."""
+
+    loop_counts: Counter
+    elements_per_iteration: float
+    abs_fadds: int
+    kernel_counts: Counter
+    registers: int | None
+    stack_bytes: int | None
+    loop_text: list[str] = field(default_factory=list)
+
+    def per_element(self) -> dict[str, float]:
+        return {name: n / self.elements_per_iteration for name, n in self.loop_counts.items()}
+
+    @property
+    def total_per_element(self) -> float:
+        return sum(self.loop_counts.values()) / self.elements_per_iteration
+
+    @property
+    def spills(self) -> int:
+        return self.kernel_counts.get("local_spill", 0)
+
+
+def classify(opcode_with_modifiers: str) -> str:
+    """Instruction class of one SASS opcode such as 'FADD.FTZ' or 'HADD2.F32'."""
+    if opcode_with_modifiers.startswith("HADD2.F32"):
+        return "convert"
+    opcode = opcode_with_modifiers.split(".")[0]
+    for name, opcodes in OPCODE_CLASSES.items():
+        if opcode in opcodes:
+            return name
+    if opcode.startswith("U") or opcode in ("R2UR",):
+        return "uniform"
+    return "other"
+
+
+def parse_sass(sass: str) -> list[tuple[int, str]]:
+    """[(address, 'OPCODE operands')] without predicates' '@P0 ' kept in the text."""
+    return [(int(m.group(1), 16), m.group(2)) for m in _INSTRUCTION_RE.finditer(sass)]
+
+
+def _opcode(text: str) -> str:
+    return text.split()[1] if text.startswith("@") else text.split()[0]
+
+
+def innermost_loops(instructions: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(start, end) index ranges of loops: a branch back to an earlier address closes one."""
+    index_of = {addr: i for i, (addr, _) in enumerate(instructions)}
+    loops = []
+    for i, (_, text) in enumerate(instructions):
+        if _opcode(text).startswith("BRA"):
+            target = re.search(r"(0x[0-9a-f]+)", text.split(None, 2)[-1])
+            if target and int(target.group(1), 16) in index_of and index_of[int(target.group(1), 16)] <= i:
+                loops.append((index_of[int(target.group(1), 16)], i))
+    # innermost: no other loop nested strictly inside
+    return [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+
+
+def _is_abs_fadd(text: str) -> bool:
+    """FADD with an |operand|: in float32 the accumulate `acc + |x - w|`, one per reduced element."""
+    opcode = _opcode(text)
+    return opcode.startswith("FADD") and "|" in text
+
+
+def resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """(registers per thread, stack frame bytes) from `cuobjdump -res-usage`."""
+    from triton import knobs  # noqa: PLC0415
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        text = subprocess.check_output([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], text=True)
+    finally:
+        os.remove(f.name)
+    reg = re.search(r"REG:(\d+)", text)
+    stack = re.search(r"STACK:(\d+)", text)
+    return (int(reg.group(1)) if reg else None, int(stack.group(1)) if stack else None)
+
+
+def sass_of(cubin: bytes) -> str:
+    from triton import knobs  # noqa: PLC0415
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        return subprocess.check_output([knobs.nvidia.cuobjdump.path, "-sass", f.name], text=True)
+    finally:
+        os.remove(f.name)
+
+
+def compile_for_sm90(kernel, args, kwargs):
+    """Compile a @triton.jit kernel for sm_90 with the launcher's specialisation of (args, kwargs)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces kernels and cannot compile for sm_90")
+    import triton  # noqa: PLC0415
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+    from triton.compiler import ASTSource, make_backend  # noqa: PLC0415
+    from triton.runtime.jit import create_function_from_signature  # noqa: PLC0415
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def loop_mix(compiled, threads: int, elements_per_thread_iteration: float) -> LoopMix:
+    """Count the hottest innermost loop of a compiled kernel (most FADD |.|, then the longest)."""
+    instructions = parse_sass(sass_of(compiled.asm["cubin"]))
+    kernel_counts = Counter(classify(_opcode(t)) for _, t in instructions)
+    loops = innermost_loops(instructions)
+    if not loops:
+        raise RuntimeError("no loop (backward branch) found in the SASS")
+    start, end = max(loops, key=lambda ab: (sum(_is_abs_fadd(t) for _, t in instructions[ab[0] : ab[1] + 1]),
+                                            ab[1] - ab[0]))
+    body = instructions[start : end + 1]
+    counts = Counter(classify(_opcode(t)) for _, t in body)
+    accumulate = sum(_is_abs_fadd(t) for _, t in body)
+    registers, stack = resource_usage(compiled.asm["cubin"])
+    return LoopMix(counts, elements_per_thread_iteration, accumulate, kernel_counts, registers, stack,
+                   [t for _, t in body])
+
+
+def forward_mix(dtype: torch.dtype, config, shape=(32, 64, 56, 56), cout=64, kernel_size=(3, 3), stride=1,
+                padding=1, groups=1, channels_last=False) -> LoopMix:
+    """Compile the forward kernel for one layer shape and launch config; return its inner-loop mix."""
+    from triton_adder.geometry import Conv2dGeometry  # noqa: PLC0415
+    from triton_adder.kernels import forward as fwd  # noqa: PLC0415
+
+    n, cin, h, w = shape
+    kh, kw = kernel_size
+    ho = (h + 2 * padding - kh) // stride + 1
+    wo = (w + 2 * padding - kw) // stride + 1
+    geom = Conv2dGeometry((stride, stride), (padding, padding), (1, 1), groups, (ho, wo))
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.empty((cout, cin // groups, kh, kw), dtype=dtype, device="meta")
+    config = fwd.validate_config(fwd.default_config(x, weight, geom) if config is None else config)
+    y = torch.empty((n, cout, ho, wo), dtype=dtype, device="meta", memory_format=fwd.output_memory_format(x))
+    _, args, kwargs = fwd.kernel_launch(x, weight, None, y, geom, config)
+    compiled = compile_for_sm90(fwd.adder2d_forward_kernel, args, kwargs)
+    threads = 32 * config.num_warps
+    return loop_mix(compiled, threads, config.block_m * config.block_n * config.block_k / threads), config
+
+
+def format_mix(mix: LoopMix, title: str) -> str:
+    per = mix.per_element()
+    lines = [title, f"  registers/thread {mix.registers}, stack {mix.stack_bytes} B, "
+                    f"LDL/STL in kernel {mix.spills}, loop length {sum(mix.loop_counts.values())} instrs, "
+                    f"{mix.elements_per_iteration:g} elements/thread/iteration "
+                    f"({mix.abs_fadds} FADD |.| found)"]
+    for name in sorted(per, key=lambda k: -per[k]):
+        lines.append(f"  {name:<13}{mix.loop_counts[name]:>6}  {per[name]:7.3f} /element")
+    lines.append(f"  {'total':<13}{sum(mix.loop_counts.values()):>6}  {mix.total_per_element:7.3f} /element")
+    fp32 = per.get("fp32_alu", 0.0)
+    verdict = "fp32_alu <= 2.2" if fp32 <= 2.2 else "fp32_alu > 2.2 (target missed)"
+    lines.append(f"  checks: {verdict}; SHFL in loop: {mix.loop_counts.get('shuffle', 0)}; spills: {mix.spills}")
+    return "\n".join(lines)
+
+
+# Layer shapes for --all-defaults: (N, Cin, H, W), Cout, kernel, stride, padding, groups.
+SCREEN_SHAPES = [
+    ((32, 64, 56, 56), 64, (3, 3), 1, 1, 1),
+    ((32, 128, 28, 28), 256, (3, 3), 2, 1, 1),
+    ((32, 16, 32, 32), 16, (3, 3), 1, 1, 1),
+    ((32, 256, 14, 14), 256, (1, 1), 1, 0, 1),
+    ((32, 64, 56, 56), 64, (3, 3), 1, 1, 64),
+]
+
+
+def main(argv=None):
+    from triton_adder.kernels.config import KernelConfig  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--block", type=int, nargs=3, metavar=("M", "N", "K"), help="default: heuristic")
+    parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--shape", type=int, nargs=4, default=[32, 64, 56, 56], metavar=("N", "C", "H", "W"))
+    parser.add_argument("--cout", type=int, default=64)
+    parser.add_argument("--kernel", type=int, default=3)
+    parser.add_argument("--stride", type=int, default=1)
+    parser.add_argument("--padding", type=int, default=1)
+    parser.add_argument("--groups", type=int, default=1)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--all-defaults", action="store_true", help="heuristic default on SCREEN_SHAPES")
+    parser.add_argument("--show-loop", action="store_true", help="print the loop's SASS")
+    a = parser.parse_args(argv)
+    dtype = getattr(torch, a.dtype)
+    if a.all_defaults:
+        jobs = [(s, c, k, st, p, g, None) for s, c, k, st, p, g in SCREEN_SHAPES]
+    else:
+        config = None if a.block is None else KernelConfig(*a.block, num_warps=a.warps, num_stages=a.stages)
+        jobs = [(tuple(a.shape), a.cout, (a.kernel, a.kernel), a.stride, a.padding, a.groups, config)]
+    for shape, cout, kernel, stride, padding, groups, config in jobs:
+        mix, used = forward_mix(dtype, config, shape, cout, kernel, stride, padding, groups, a.channels_last)
+        title = (f"forward {a.dtype} x{shape} cout={cout} k={kernel} s={stride} p={padding} g={groups}"
+                 f"{' channels_last' if a.channels_last else ''} | block {used.block_m}x{used.block_n}x{used.block_k}"
+                 f" warps={used.num_warps} stages={used.num_stages}")
+        print(format_mix(mix, title))
+        if a.show_loop:
+            print("\n".join("    " + t for t in mix.loop_text))
+
+
+if __name__ == "__main__":
+    main()
