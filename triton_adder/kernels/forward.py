@@ -237,12 +237,13 @@ def forward(
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"x.dtype must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"weight and bias must have x's dtype {x.dtype}, got {weight.dtype}"
-                         f"{'' if bias is None else ' and ' + str(bias.dtype)}")
+        raise ValueError(
+            f"weight and bias must have x's dtype {x.dtype}, got {weight.dtype}"
+            f"{'' if bias is None else ' and ' + str(bias.dtype)}"
+        )
     config = validate_config(default_config(x, weight, geom) if config is None else config)
     n, cout = x.shape[0], weight.shape[0]
-    y = torch.empty((n, cout, *geom.out_size), dtype=x.dtype, device=x.device,
-                    memory_format=output_memory_format(x))
+    y = torch.empty((n, cout, *geom.out_size), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
     if y.numel() == 0:
         return y
     grid, args, kwargs = kernel_launch(x, weight, bias, y, geom, config)

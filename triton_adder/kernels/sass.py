@@ -30,20 +30,24 @@ import torch
 
 # Instruction classes, by opcode (the text before the first '.'); HADD2.F32 is a half->float convert.
 OPCODE_CLASSES = {
-    "fp32_alu": {"FADD", "FMUL", "FFMA", "FMNMX", "FSEL", "FSET", "FSETP", "FCHK", "FSWZADD"},
-    "fp16_alu": {"HADD2", "HFMA2", "HMUL2", "HMNMX2", "HSET2", "HSETP2"},
-    "convert": {"F2F", "F2FP", "I2F", "F2I", "I2FP", "F2IP", "FRND"},
-    "int_alu": {"IMAD", "IADD3", "IADD", "LEA", "SHF", "LOP3", "ISETP", "SEL", "IMNMX", "IABS", "PRMT", "MOV",
-                "I2I", "FLO", "POPC", "BMSK", "SGXT", "VIADD", "VIMNMX", "IDP", "VABSDIFF", "VABSDIFF4"},
-    "uniform": set(),  # every U-prefixed opcode (UIADD3, UMOV, ULDC, ...), filled by `classify`
-    "predicate": {"PLOP3", "P2R", "R2P", "CSETP", "PSETP"},
-    "load_global": {"LDG", "LD"},
-    "store_global": {"STG", "ST", "RED", "ATOM", "ATOMG"},
-    "shared": {"LDS", "STS", "LDSM", "LDGSTS", "LDGDEPBAR", "DEPBAR", "ATOMS"},
-    "local_spill": {"LDL", "STL"},
-    "shuffle": {"SHFL"},
-    "control": {"BRA", "BRX", "JMP", "EXIT", "RET", "CALL", "BSSY", "BSYNC", "WARPSYNC", "BAR", "NOP", "YIELD",
-                "BPT", "ELECT", "S2R", "S2UR", "CS2R", "LDC", "MEMBAR", "ERRBAR", "CCTL", "VOTE", "VOTEU"},
+    "fp32_alu": set("FADD FMUL FFMA FMNMX FSEL FSET FSETP FCHK FSWZADD".split()),
+    "fp16_alu": set("HADD2 HFMA2 HMUL2 HMNMX2 HSET2 HSETP2".split()),
+    "convert": set("F2F F2FP I2F F2I I2FP F2IP FRND".split()),
+    "int_alu": set(
+        "IMAD IADD3 IADD LEA SHF LOP3 ISETP SEL IMNMX IABS PRMT MOV I2I FLO POPC BMSK SGXT VIADD VIMNMX IDP "
+        "VABSDIFF VABSDIFF4".split()
+    ),
+    "uniform": set(),  # every U-prefixed opcode (UIADD3, UMOV, ULDC, ...): `classify` routes them here
+    "predicate": set("PLOP3 P2R R2P CSETP PSETP".split()),
+    "load_global": set("LDG LD".split()),
+    "store_global": set("STG ST RED ATOM ATOMG".split()),
+    "shared": set("LDS STS LDSM LDGSTS LDGDEPBAR DEPBAR ATOMS".split()),
+    "local_spill": set("LDL STL".split()),
+    "shuffle": set("SHFL".split()),
+    "control": set(
+        "BRA BRX JMP EXIT RET CALL BSSY BSYNC WARPSYNC BAR NOP YIELD BPT ELECT S2R S2UR CS2R LDC MEMBAR ERRBAR CCTL "
+        "VOTE VOTEU".split()
+    ),
 }
 _INSTRUCTION_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH_RE = re.compile(r"\bBRA(?:\.\S+)?\s+(?:`?\(?\.?L_x_\d+\)?|(0x[0-9a-f]+))")
@@ -164,18 +168,29 @@ def loop_mix(compiled, threads: int, elements_per_thread_iteration: float) -> Lo
     loops = innermost_loops(instructions)
     if not loops:
         raise RuntimeError("no loop (backward branch) found in the SASS")
-    start, end = max(loops, key=lambda ab: (sum(_is_abs_fadd(t) for _, t in instructions[ab[0] : ab[1] + 1]),
-                                            ab[1] - ab[0]))
+    start, end = max(
+        loops, key=lambda ab: (sum(_is_abs_fadd(t) for _, t in instructions[ab[0] : ab[1] + 1]), ab[1] - ab[0])
+    )
     body = instructions[start : end + 1]
     counts = Counter(classify(_opcode(t)) for _, t in body)
     accumulate = sum(_is_abs_fadd(t) for _, t in body)
     registers, stack = resource_usage(compiled.asm["cubin"])
-    return LoopMix(counts, elements_per_thread_iteration, accumulate, kernel_counts, registers, stack,
-                   [t for _, t in body])
+    return LoopMix(
+        counts, elements_per_thread_iteration, accumulate, kernel_counts, registers, stack, [t for _, t in body]
+    )
 
 
-def forward_mix(dtype: torch.dtype, config, shape=(32, 64, 56, 56), cout=64, kernel_size=(3, 3), stride=1,
-                padding=1, groups=1, channels_last=False) -> LoopMix:
+def forward_mix(
+    dtype: torch.dtype,
+    config,
+    shape=(32, 64, 56, 56),
+    cout=64,
+    kernel_size=(3, 3),
+    stride=1,
+    padding=1,
+    groups=1,
+    channels_last=False,
+) -> LoopMix:
     """Compile the forward kernel for one layer shape and launch config; return its inner-loop mix."""
     from triton_adder.geometry import Conv2dGeometry  # noqa: PLC0415
     from triton_adder.kernels import forward as fwd  # noqa: PLC0415
@@ -199,10 +214,13 @@ def forward_mix(dtype: torch.dtype, config, shape=(32, 64, 56, 56), cout=64, ker
 
 def format_mix(mix: LoopMix, title: str) -> str:
     per = mix.per_element()
-    lines = [title, f"  registers/thread {mix.registers}, stack {mix.stack_bytes} B, "
-                    f"LDL/STL in kernel {mix.spills}, loop length {sum(mix.loop_counts.values())} instrs, "
-                    f"{mix.elements_per_iteration:g} elements/thread/iteration "
-                    f"({mix.abs_fadds} FADD |.| found)"]
+    lines = [
+        title,
+        f"  registers/thread {mix.registers}, stack {mix.stack_bytes} B, "
+        f"LDL/STL in kernel {mix.spills}, loop length {sum(mix.loop_counts.values())} instrs, "
+        f"{mix.elements_per_iteration:g} elements/thread/iteration "
+        f"({mix.abs_fadds} FADD |.| found)",
+    ]
     for name in sorted(per, key=lambda k: -per[k]):
         lines.append(f"  {name:<13}{mix.loop_counts[name]:>6}  {per[name]:7.3f} /element")
     lines.append(f"  {'total':<13}{sum(mix.loop_counts.values()):>6}  {mix.total_per_element:7.3f} /element")
@@ -248,9 +266,11 @@ def main(argv=None):
         jobs = [(tuple(a.shape), a.cout, (a.kernel, a.kernel), a.stride, a.padding, a.groups, config)]
     for shape, cout, kernel, stride, padding, groups, config in jobs:
         mix, used = forward_mix(dtype, config, shape, cout, kernel, stride, padding, groups, a.channels_last)
-        title = (f"forward {a.dtype} x{shape} cout={cout} k={kernel} s={stride} p={padding} g={groups}"
-                 f"{' channels_last' if a.channels_last else ''} | block {used.block_m}x{used.block_n}x{used.block_k}"
-                 f" warps={used.num_warps} stages={used.num_stages}")
+        title = (
+            f"forward {a.dtype} x{shape} cout={cout} k={kernel} s={stride} p={padding} g={groups}"
+            f"{' channels_last' if a.channels_last else ''} | block {used.block_m}x{used.block_n}x{used.block_k}"
+            f" warps={used.num_warps} stages={used.num_stages}"
+        )
         print(format_mix(mix, title))
         if a.show_loop:
             print("\n".join("    " + t for t in mix.loop_text))
