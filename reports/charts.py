@@ -21,7 +21,9 @@ from matplotlib.figure import Figure
 _chart_ids = itertools.count()
 
 # Colour-blind-safe palette (Okabe-Ito); the first series (usually "ours") gets the strongest colour.
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+# Extended with darker/lighter tones so up to 12 series stay distinct.
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
+           "#8C564B", "#7F7F7F", "#17BECF", "#BCBD22"]
 
 
 def plain_label(text: object) -> str:
@@ -62,7 +64,7 @@ def bar_chart(frame: pd.DataFrame, category: str, value: str, series: str | None
     series_names = list(dict.fromkeys(data[series].astype(str))) if series else [value]
     n_cat, n_ser = len(categories), len(series_names)
     bar_height = 0.8 / n_ser
-    fig = Figure(figsize=(8.0, max(1.8, 0.3 + n_cat * max(0.32, 0.16 * n_ser))))
+    fig = Figure(figsize=(10.0, max(1.8, 0.3 + n_cat * max(0.32, 0.16 * n_ser))))
     ax = fig.add_subplot()
     for s_index, name in enumerate(series_names):
         rows = data if not series else data[data[series].astype(str) == name]
@@ -92,6 +94,6 @@ def bar_chart(frame: pd.DataFrame, category: str, value: str, series: str | None
         ax.set_title(plain_label(title), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     if series or reference is not None:
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     svg = figure_to_svg(fig)
     return svg

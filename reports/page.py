@@ -32,7 +32,7 @@ figure.chart figcaption { font-size: 0.9em; color: #444; margin-top: 0.3em; }
 p.missing, figure.missing { color: #8a4b00; font-style: italic; }
 table.data { border-collapse: collapse; font-size: 12px; margin: 0.8em 0; }
 table.data caption { text-align: left; font-weight: 600; padding-bottom: 0.3em; }
-table.data th, table.data td { border: 1px solid #ddd; padding: 2px 6px; }
+table.data th, table.data td { border: 1px solid #ddd; padding: 2px 6px; white-space: nowrap; }
 table.data th { background: #f3f3f3; position: sticky; top: 0; }
 table.data td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .scroll { overflow-x: auto; max-height: 40em; overflow-y: auto; }
