@@ -45,7 +45,7 @@ def adaptive_lr_(model_or_params: nn.Module | torch.Tensor | Iterable[torch.Tens
 
     Each layer's gradient then has L2 norm eta * sqrt(numel), i.e. root-mean-square eta per
     element. Returns a float32 tensor (L,) of the L2 norms the L scaled gradients had before,
-    computed in float32 and kept on the device (no host synchronisation). A gradient norm below
+    computed in float32 or wider and kept on the device (no host synchronisation). A gradient norm below
     1e-12 is clamped to 1e-12, as published.
     """
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta <= 0:
@@ -61,9 +61,10 @@ def adaptive_lr_(model_or_params: nn.Module | torch.Tensor | Iterable[torch.Tens
         raise ValueError("adaptive_lr_ needs dense gradients; got a sparse .grad")
     norms = []
     for grad in grads:
-        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        # At least float32: a float16 gradient's sum of squares overflows float16.
+        norm = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32))
         grad.mul_((eta * math.sqrt(grad.numel())) / norm.clamp_min(1e-12))
-        norms.append(norm)
+        norms.append(norm.float())
     if not norms:
         return torch.empty(0, dtype=torch.float32)
     return torch.stack([norm.to(norms[0].device) for norm in norms])
