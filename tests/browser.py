@@ -194,3 +194,16 @@ def visit(path: str | Path, width: int = 1280, height: int = 1000, timeout: floa
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def non_background_fraction(png: bytes) -> float:
+    """Fraction of screenshot pixels that differ from its most common colour (0.0 = a blank page)."""
+    import io  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3)
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    background = colours[counts.argmax()]
+    return float((np.abs(pixels.astype(int) - background).sum(axis=1) > 30).mean())
