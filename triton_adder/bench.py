@@ -157,7 +157,7 @@ def census(model: nn.Module, input_shape: Sequence[int]) -> list[LayerCall]:
 
     from triton_adder.nn import Adder2d  # noqa: PLC0415
 
-    meta_model = copy.deepcopy(model).to("meta")
+    meta_model = copy.deepcopy(model).to("meta").eval()  # eval: BatchNorm accepts any batch size
     calls: list[LayerCall] = []
 
     def hook(name):
@@ -506,11 +506,30 @@ def tuned_config(op: str, x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeo
 # Measurements
 
 
-def _accepts_config(launcher) -> bool:
+def _accepts(launcher, parameter: str) -> bool:
     try:
-        return "config" in inspect.signature(launcher).parameters
+        return parameter in inspect.signature(launcher).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _accepts_config(launcher) -> bool:
+    return _accepts(launcher, "config")
+
+
+def _default_config_text(family: str, forward_kernels, backward_kernels, x, w, geom) -> str:
+    """What the launcher runs when given no config (recorded in the row's `config` column)."""
+    try:
+        if family == "forward":
+            return str(forward_kernels.default_config(x, w, geom).as_dict())
+        if family == "grad_weight" and hasattr(backward_kernels, "default_grad_weight_method"):
+            method = backward_kernels.default_grad_weight_method(x.device, "paper")
+            if method != "triton":
+                return f"method={method}"
+        default_of = getattr(backward_kernels, f"default_{family}_config")
+        return str(default_of(x.shape, w.shape, geom, x.device.type).as_dict())
+    except Exception:  # noqa: BLE001  (only a label; the launcher picks its own default anyway)
+        return "launcher default"
 
 
 def _adder_rows(rec: _Recorder, common: dict, backend: str, dtype_name: str, x: torch.Tensor, w: torch.Tensor,
@@ -549,17 +568,13 @@ def _adder_rows(rec: _Recorder, common: dict, backend: str, dtype_name: str, x: 
             add(family, "tuned", reason=why or f"no Triton {family} launcher")
             continue
         takes_config = family == "forward" or _accepts_config(launcher)
-        default = None
-        module = forward_kernels if family == "forward" else backward_kernels
-        default_of = getattr(module, "default_config" if family == "forward" else f"default_{family}_config", None)
-        if default_of is not None:
-            with contextlib.suppress(Exception):
-                default = default_of(*args[:3]) if family == "forward" else default_of(x, w, geom)
         add(family, "default", lambda launcher=launcher, args=args: launcher(*args),
-            config=str(default.as_dict()) if default is not None else "launcher default")
+            config=_default_config_text(family, forward_kernels, backward_kernels, x, w, geom))
         if not takes_config:
             add(family, "tuned", reason=f"the {family} launcher takes no config")
             continue
+        # A tuned weight-gradient config applies to the Triton kernel, not the conv-identity method.
+        extra = {"method": "triton"} if family == "grad_weight" and _accepts(launcher, "method") else {}
         try:
             tuned, why_not = tuned_config(family, x, w, geom)
         except Exception as error:  # noqa: BLE001
@@ -567,8 +582,8 @@ def _adder_rows(rec: _Recorder, common: dict, backend: str, dtype_name: str, x: 
         if tuned is None:
             add(family, "tuned", reason=why_not)
         else:
-            add(family, "tuned", lambda launcher=launcher, args=args, tuned=tuned: launcher(*args, config=tuned),
-                config=str(tuned.as_dict()))
+            add(family, "tuned", lambda launcher=launcher, args=args, tuned=tuned, extra=extra: launcher(
+                *args, config=tuned, **extra), config=str(tuned.as_dict()))
 
 
 def _layer_rows(rec: _Recorder, shape: LayerShape, count: int, model_name: str, backend: str,
@@ -708,7 +723,7 @@ def measure(
 
     model: a name from `triton_adder.models.MODELS` (built as AdderNet and as CNN twin, input
     (batch, C, S, S) with S from MODEL_INPUT_SIZE), or (name, adder_model, cnn_model, input_shape)
-    for any pair of models. batch_size: default 32 on a GPU, 1 on the CPU (the input's N).
+    for any pair of models. batch_size: default 32 on a GPU, 2 on the CPU (the input's N).
     device: default "cuda" when available, else "cpu". quick: fewer repeats (smoke runs, tests).
     backend: "triton" (kernels; default on CUDA or with TRITON_INTERPRET=1) or "cpu" (the CPU path).
     adder_dtypes: dtypes of the adder forward ("float32", "float16", "bfloat16"); gradients float32.
@@ -733,7 +748,7 @@ def measure(
         if dtype_name not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"adder_dtypes entries must be 'float32', 'float16' or 'bfloat16', got {dtype_name!r}")
     if batch_size is None:
-        batch_size = 32 if device.type == "cuda" else 1
+        batch_size = 32 if device.type == "cuda" else 2  # 2: training-mode BatchNorm needs > 1 value
     if isinstance(model, str):
         from triton_adder import models  # noqa: PLC0415
 

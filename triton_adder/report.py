@@ -202,8 +202,9 @@ def _slug(text: str) -> str:
 
 
 def default_output_dir(metadata: dict) -> Path:
-    """reports/<model>-<device>/ under the current directory (the repository root, when run from there)."""
-    return Path("reports") / f"{_slug(metadata.get('model', 'model'))}-{_slug(metadata.get('device', 'device'))}"
+    """reports/results/<model>-<device>/ under the current directory (the repository root, when run from there)."""
+    name = f"{_slug(metadata.get('model', 'model'))}-{_slug(metadata.get('device', 'device'))}"
+    return Path("reports") / "results" / name
 
 
 def write_report(frame: pd.DataFrame, metadata: dict | None = None, out_dir: str | Path | None = None,
