@@ -21,6 +21,9 @@ before each repeat), `time.perf_counter` elsewhere (`WallClockBenchmarker`); med
 the repeats. A measurement that cannot run (missing kernel, out of memory, unsupported dtype) is a
 row with status "skipped" or "error" and a reason; `measure` never raises for one.
 
+CLI: `python -m triton_adder.bench --model resnet50 [--quick]` measures and writes the report
+(`triton_adder.report.write_report`) under reports/results/<model>-<device>/.
+
 Derived columns (`derive`): element rate, percent of the device ceiling, speedups against every
 baseline, operation counts and the paper's 45 nm energy estimate (see the constants below).
 """
@@ -285,6 +288,16 @@ def _git_revision() -> str:
     return revision + (" (with uncommitted changes)" if dirty else "")
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def machine_metadata(device: torch.device, command_line: str | None = None) -> dict:
     """Where and how the numbers were taken: device, clocks, versions, git revision, date, command."""
     try:
@@ -296,8 +309,7 @@ def machine_metadata(device: torch.device, command_line: str | None = None) -> d
     on_gpu = device.type == "cuda"
     ceiling = device_ceiling(device)
     metadata = {
-        "device": torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine())
-        + f" ({os.cpu_count()} logical CPUs)",
+        "device": torch.cuda.get_device_name(device) if on_gpu else f"{_cpu_name()} ({os.cpu_count()} logical CPUs)",
         "device_kind": "cuda" if on_gpu else "cpu",
         "torch": torch.__version__,
         "triton": triton_version,
@@ -414,17 +426,32 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _tf32(enabled: bool):
-    """Allow or forbid TF32 in cuDNN convolutions and cuBLAS matmuls inside the block."""
+    """Allow or forbid TF32 in cuDNN convolutions and cuBLAS matmuls inside the block; restore after.
+
+    Uses the per-operator `fp32_precision` flags where this torch has them (reading the legacy
+    `allow_tf32` after someone set the new API can raise), else the legacy `allow_tf32` flags.
+    Note cuDNN convolutions default to TF32 on: "float32" baselines must turn it off explicitly.
+    """
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):
+        saved = (cudnn_conv.fp32_precision, matmul.fp32_precision)
+        cudnn_conv.fp32_precision = matmul.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            cudnn_conv.fp32_precision, matmul.fp32_precision = saved
+        return
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # newer torch warns that allow_tf32 is superseded; both still work
-        previous = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+        warnings.simplefilter("ignore")
+        saved = (torch.backends.cudnn.allow_tf32, matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = enabled
     try:
         yield
     finally:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 def _conv_padding(shape: LayerShape) -> tuple[int, int] | None:
@@ -857,3 +884,29 @@ def derive(frame: pd.DataFrame, metadata: dict, ceiling: dict | None = None) -> 
         if base is not None:
             frame.loc[index, "gain_vs_default"] = base / row["median_ms"]
     return frame
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m triton_adder.bench --model resnet50`: measure, then write report.html, results.csv/json."""
+    import argparse  # noqa: PLC0415
+
+    from triton_adder import models, report  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m triton_adder.bench", description=main.__doc__)
+    parser.add_argument("--model", default="resnet50", choices=sorted(models.MODELS))
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 on a GPU, 2 on the CPU")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    parser.add_argument("--backend", choices=("triton", "cpu"), default=None)
+    parser.add_argument("--adder-dtypes", default="float32", help="comma-separated: float32,float16,bfloat16")
+    parser.add_argument("--max-layers", type=int, default=None, help="only the first N unique adder layers")
+    parser.add_argument("--out", default=None, help="output folder (default: reports/results/<model>-<device>)")
+    args = parser.parse_args(argv)
+    frame = measure(args.model, args.batch_size, quick=args.quick, backend=args.backend,
+                    adder_dtypes=tuple(args.adder_dtypes.split(",")), max_layers=args.max_layers)
+    for name, path in report.write_report(frame, out_dir=args.out).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
