@@ -115,16 +115,31 @@ def _forward_body(taps, weight, bias=None, *, out_dtype, channels_last):
     return y if channels_last else y.contiguous()
 
 
-def _grad_input_body(grad_taps, weight, x, *, exact):
+def _grad_input_body(grad_taps, weight, x, *, exact, compute_dtype):
     """One phase of the input-gradient gather (eq. 6, or sign(W - X) when exact).
 
-    grad_taps (N, M, M', U, V, G, Tg): the grad_out values each input element's taps read;
-    weight (G, Cg, U, V, Tg): the phase's taps, flipped; x (N, M, M', G, Cg): the input values.
-    Returns (N, M, M', G, Cg) = sum_{u, v, t} gY * clamp(W - X, -1, 1) (or sign(W - X)).
+    grad_taps (N, M, M', U, V, G, Tg): the grad_out values each input element's taps read (view);
+    weight (G, U, V, Tg, Cg): the phase's taps, flipped; x (N, M, M', G, Cg): the input values
+    (any float dtype, a view of x). Returns dX = sum_{u, v, t} gY * clamp(W - X, -1, 1) (or
+    sign(W - X)) as a contiguous (N, M, M', Cin) tensor of compute_dtype.
+
+    Why it is written this way: Cg is the innermost axis of weight, x and the result, so the
+    compiled loop keeps one vector accumulator per 16 input channels and streams the reduction
+    (no horizontal sums). Returning NCHW from here instead made inductor vectorise along the width
+    (60x slower), so the caller transposes. The clamp is computed as ``relu(W - (X-1)) - relu(W - (X+1)) - 1``
+    because inductor lowers relu to a plain vector max, while clamp/maximum/minimum become
+    NaN-propagating sequences of about 4 instructions each (measured: 2.6x slower); the ``- 1``
+    summed over the taps is ``sum gY``, taken once per input position, not per channel.
     """
-    diff = weight - x[..., None, None, None]  # N, M, M', G, Cg, U, V, Tg
-    factor = diff.sign() if exact else diff.clamp(-1.0, 1.0)
-    return (grad_taps.permute(0, 1, 2, 5, 3, 4, 6)[:, :, :, :, None] * factor).sum(dim=(-3, -2, -1))
+    n, m_h, m_w, groups, cg = x.shape
+    x = x.to(compute_dtype)[:, :, :, :, None, None, None, :]  # N, M, M', G, 1, 1, 1, Cg
+    grad = grad_taps.permute(0, 1, 2, 5, 3, 4, 6)[..., None]  # N, M, M', G, U, V, Tg, 1
+    if exact:
+        out = (grad * (weight - x).sign()).sum(dim=(4, 5, 6))
+    else:
+        shifted = (weight - (x - 1.0)).relu() - (weight - (x + 1.0)).relu()  # clamp(W - X, -1, 1) + 1
+        out = (grad * shifted).sum(dim=(4, 5, 6)) - grad.sum(dim=(4, 5, 6))
+    return out.reshape(n, m_h, m_w, groups * cg)
 
 
 def _grad_weight_exact_body(taps, grad_out, weight):
@@ -337,10 +352,10 @@ def _phases(size: int, pad: int, stride: int, dilation: int, kernel: int, out: i
         yield a + stride * m_lo - pad, count, taps[::-1], step, grad_lo, count + (len(taps) - 1) * step
 
 
-def _zero_padded_rows(grad: torch.Tensor, lo_h: int, len_h: int, lo_w: int, len_w: int) -> torch.Tensor:
-    """buf[n, r, c, :] = grad[n, lo_h + r, lo_w + c, :] where that index exists, else 0 (contiguous)."""
+def _zero_padded_rows(grad, lo_h: int, len_h: int, lo_w: int, len_w: int, dtype: torch.dtype) -> torch.Tensor:
+    """buf[n, r, c, :] = grad[n, lo_h + r, lo_w + c, :] where that index exists, else 0 (contiguous, `dtype`)."""
     n, ho, wo, cout = grad.shape
-    buf = grad.new_zeros((n, len_h, len_w, cout))
+    buf = grad.new_zeros((n, len_h, len_w, cout), dtype=dtype)
     r0, r1 = max(0, lo_h), min(ho, lo_h + len_h)
     c0, c1 = max(0, lo_w), min(wo, lo_w + len_w)
     if r1 > r0 and c1 > c0:
@@ -364,46 +379,58 @@ def grad_input(
     cout, cg, kh, kw = weight.shape
     groups = geom.groups
     tg = cout // groups
-    x_cl = x.to(dtype).permute(0, 2, 3, 1).contiguous()  # (N, H, W, Cin)
-    grad_cl = grad_out.to(dtype).permute(0, 2, 3, 1).contiguous()  # (N, Ho, Wo, Cout)
+    # Channels-last copy (a no-op view when x is channels_last float32): with a channels-strided
+    # view of an NCHW x, inductor vectorised along the width instead of the channels (50x slower).
+    x_nhwc = x.to(dtype).permute(0, 2, 3, 1).contiguous()
+    grad_nhwc = grad_out.permute(0, 2, 3, 1)
     w_grouped = weight.to(dtype).reshape(groups, tg, cg, kh, kw)
-    grad_x = x_cl.new_zeros((n, h, w, cin))
     (sh, sw), (dh, dw), (ho, wo) = geom.stride, geom.dilation, geom.out_size
     top, left = geom.padding
     rows_phases = list(_phases(h, top, sh, dh, kh, ho))
     cols_phases = list(_phases(w, left, sw, dw, kw, wo))
+    single_phase = len(rows_phases) == len(cols_phases) == 1 and rows_phases[0][1] == h and cols_phases[0][1] == w
+    layout = "channels_last" if _is_channels_last(x) else "nchw"
+    grad_x = None if single_phase else x.new_zeros((n, h, w, cin), dtype=dtype)
     for h0, mh, taps_h, step_h, lo_h, len_h in rows_phases:
         for w0, mw, taps_w, step_w, lo_w, len_w in cols_phases:
-            buf = _zero_padded_rows(grad_cl, lo_h, len_h, lo_w, len_w)
+            buf = _zero_padded_rows(grad_nhwc, lo_h, len_h, lo_w, len_w, dtype)
             s_n, s_h, s_w, _ = buf.stride()
             grad_taps = buf.as_strided(
                 (n, mh, mw, len(taps_h), len(taps_w), groups, tg), (s_n, s_h, s_w, step_h * s_h, step_w * s_w, tg, 1)
             )
-            w_phase = w_grouped[:, :, :, taps_h][:, :, :, :, taps_w].permute(0, 2, 3, 4, 1).contiguous()
-            x_phase = x_cl[:, h0 : h0 + (mh - 1) * sh + 1 : sh, w0 : w0 + (mw - 1) * sw + 1 : sw]
-            x_phase = x_phase.reshape(n, mh, mw, groups, cg)
-            out = grad_x[:, h0 : h0 + (mh - 1) * sh + 1 : sh, w0 : w0 + (mw - 1) * sw + 1 : sw]
-            out.copy_(_grad_input_phase(grad_taps, w_phase, x_phase, grad_mode == "exact").reshape(n, mh, mw, cin))
+            w_phase = w_grouped.index_select(3, torch.tensor(taps_h)).index_select(4, torch.tensor(taps_w))
+            w_phase = w_phase.permute(0, 3, 4, 1, 2).contiguous()  # (G, U, V, Tg, Cg)
+            rows = slice(h0, h0 + (mh - 1) * sh + 1, sh)
+            cols = slice(w0, w0 + (mw - 1) * sw + 1, sw)
+            x_phase = x_nhwc[:, rows, cols].reshape(n, mh, mw, groups, cg)
+            options = {"exact": grad_mode == "exact", "compute_dtype": dtype}
+            out = _grad_input_phase(grad_taps, w_phase, x_phase, options)
+            if single_phase:
+                grad_x = out  # (N, H, W, Cin): the phase is all of x
+            else:
+                grad_x[:, rows, cols] = out
     grad_x = grad_x.to(x.dtype).permute(0, 3, 1, 2)
-    return grad_x if _is_channels_last(x) else grad_x.contiguous()
+    return grad_x if layout == "channels_last" else grad_x.contiguous()
 
 
-def _grad_input_phase(grad_taps, w_phase, x_phase, exact):
+def _grad_input_phase(grad_taps, w_phase, x_phase, options):
+    """Run `_grad_input_body` compiled, else eagerly on chunks of rows (and input channels)."""
     if _use_compiler():
-        out = _compiled_call(_grad_input_body, {"exact": exact}, (grad_taps, w_phase, x_phase))
+        out = _compiled_call(_grad_input_body, options, (grad_taps, w_phase, x_phase))
         if out is not None:
             return out
     n, mh, mw, u, v, groups, tg = grad_taps.shape
-    cg = w_phase.shape[1]
-    out = x_phase.new_empty((n, mh, mw, groups, cg))
+    cg = w_phase.shape[-1]
+    out = x_phase.new_empty((n, mh, mw, groups, cg), dtype=options["compute_dtype"])
     budget = memory_budget_bytes()
     item = grad_taps.element_size() * _TEMPORARIES_PER_ELEMENT * groups * u * v * tg
     for k0, k1 in _chunks(cg, mw * item, budget):
         for n0, n1, r0, r1 in _row_blocks(n, mh, mw * (k1 - k0) * item, budget):
-            out[n0:n1, r0:r1, :, :, k0:k1] = _grad_input_body(
-                grad_taps[n0:n1, r0:r1], w_phase[:, k0:k1], x_phase[n0:n1, r0:r1, :, :, k0:k1], exact=exact
+            chunk = _grad_input_body(
+                grad_taps[n0:n1, r0:r1], w_phase[..., k0:k1], x_phase[n0:n1, r0:r1, :, :, k0:k1], **options
             )
-    return out
+            out[n0:n1, r0:r1, :, :, k0:k1] = chunk.reshape(n1 - n0, r1 - r0, mw, groups, k1 - k0)
+    return out.reshape(n, mh, mw, groups * cg)
 
 
 def grad_weight(

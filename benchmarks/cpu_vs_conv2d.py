@@ -1,0 +1,176 @@
+"""The CPU adder path (`triton_adder.cpu`) side by side with `torch.nn.functional.conv2d` on the same shapes.
+
+    python benchmarks/cpu_vs_conv2d.py [--repeats 7] [--shapes resnet20,resnet50] [--grad-mode paper]
+
+For each shape: forward time of the adder layer and of conv2d, their ratio; backward time
+(input + weight gradients) of both and their ratio; the compile time of the adder's first call
+(excluded from the timings); and the peak extra memory of the adder's forward + backward (peak
+resident memory above the level before the call, see `peak_extra_rss_megabytes`). Timings are
+medians of `--repeats` runs with adder and conv2d interleaved, so load from other processes hits
+both alike; the ratios are what to compare across machines. torch runs with its default threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from triton_adder import cpu  # noqa: E402
+from triton_adder.geometry import Conv2dGeometry  # noqa: E402
+
+# (name, batch, in_channels, out_channels, input size, kernel, stride, padding)
+SHAPES = {
+    "resnet20": [  # CIFAR-10 ResNet-20 adder layers, batch 32
+        ("resnet20 16ch 32x32 3x3", 32, 16, 16, 32, 3, 1, 1),
+        ("resnet20 32ch 16x16 3x3", 32, 32, 32, 16, 3, 1, 1),
+        ("resnet20 64ch 8x8 3x3", 32, 64, 64, 8, 3, 1, 1),
+        ("resnet20 16->32 3x3 s2", 32, 16, 32, 32, 3, 2, 1),
+        ("resnet20 32->64 3x3 s2", 32, 32, 64, 16, 3, 2, 1),
+        ("resnet20 16->32 1x1 s2", 32, 16, 32, 32, 1, 2, 0),
+        ("resnet20 32->64 1x1 s2", 32, 32, 64, 16, 1, 2, 0),
+    ],
+    "resnet50": [  # ImageNet ResNet-50 bottleneck 3x3 layers (stride 1), batch 4
+        ("resnet50 64ch 56x56 3x3", 4, 64, 64, 56, 3, 1, 1),
+        ("resnet50 128ch 28x28 3x3", 4, 128, 128, 28, 3, 1, 1),
+        ("resnet50 256ch 14x14 3x3", 4, 256, 256, 14, 3, 1, 1),
+    ],
+}
+
+
+def machine_description() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"CPU: {model}; {os.cpu_count()} logical cores; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}); "
+        f"python {platform.python_version()}"
+    )
+
+
+def peak_extra_rss_megabytes(fn) -> float:
+    """Peak resident memory (MB) while fn() runs, above the resident memory just before it (Linux only).
+
+    Writing "5" to /proc/self/clear_refs resets the kernel's high-water mark VmHWM to the current
+    RSS; after fn() returns, VmHWM - RSS_before is the largest amount of memory fn() held at once,
+    counting every allocation that touched pages (torch, numpy, the compiler), not only torch's.
+    malloc_trim first hands freed heap pages back, so memory the allocator merely retained from
+    earlier is not counted as "before" and then silently reused. Raises OSError where /proc is
+    not writable.
+    """
+    import ctypes  # noqa: PLC0415
+
+    def resident_megabytes(key: str) -> float:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024
+        raise OSError(f"{key} not in /proc/self/status")
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    before = resident_megabytes("VmRSS:")
+    fn()
+    return resident_megabytes("VmHWM:") - before
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def bench_shape(batch, cin, cout, size, kernel, stride, padding, repeats, grad_mode):
+    torch.manual_seed(0)
+    x = torch.randn(batch, cin, size, size)
+    weight = torch.randn(cout, cin, kernel, kernel)
+    out = (size + 2 * padding - kernel) // stride + 1
+    geom = Conv2dGeometry((stride, stride), (padding, padding), (1, 1), 1, (out, out))
+    grad_out = torch.randn(batch, cout, out, out)
+
+    def adder_forward():
+        return cpu.forward(x, weight, None, geom)
+
+    def adder_backward():
+        cpu.grad_input(grad_out, x, weight, geom, grad_mode)
+        cpu.grad_weight(grad_out, x, weight, geom, grad_mode)
+
+    def conv_forward():
+        return F.conv2d(x, weight, stride=stride, padding=padding)
+
+    def conv_backward():  # input + weight gradients, the same work autograd does for a conv layer
+        return torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1, [True, True, False]
+        )
+
+    compile_ms = timed(adder_forward) + timed(adder_backward)  # first calls compile each kernel
+    for fn in (adder_forward, conv_forward, adder_backward, conv_backward):
+        fn()
+    samples = {name: [] for name in ("adder_fwd", "conv_fwd", "adder_bwd", "conv_bwd")}
+    for _ in range(repeats):
+        samples["adder_fwd"].append(timed(adder_forward))
+        samples["conv_fwd"].append(timed(conv_forward))
+        samples["adder_bwd"].append(timed(adder_backward))
+        samples["conv_bwd"].append(timed(conv_backward))
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    peak_mb = peak_extra_rss_megabytes(lambda: (adder_forward(), adder_backward()))
+    activation_mb = (x.numel() + grad_out.numel()) * 4 / 2**20
+    unfold_mb = cout * cin * kernel * kernel * batch * out * out * 4 / 2**20
+    return medians, compile_ms, peak_mb, activation_mb, unfold_mb
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per shape (median reported)")
+    parser.add_argument("--shapes", default="resnet20,resnet50", help=f"comma-separated subset of {list(SHAPES)}")
+    parser.add_argument("--grad-mode", default="paper", choices=("paper", "exact"))
+    args = parser.parse_args(argv)
+    print(machine_description())
+    print(
+        f"compiler: {'inductor' if cpu.compiler_enabled() else 'OFF (eager chunked path)'}; "
+        f"grad_mode={args.grad_mode}; float32; median of {args.repeats}, adder and conv2d interleaved; "
+        "bwd = input + weight gradients"
+    )
+    header = (
+        f"{'shape':<26} {'N':>3} {'adder fwd':>10} {'conv fwd':>9} {'ratio':>6} {'adder bwd':>10} {'conv bwd':>9} "
+        f"{'ratio':>6} {'compile':>8} {'peak extra':>11} {'x+gY':>7} {'unfold':>8}"
+    )
+    print(header)
+    print(f"{'':<26} {'':>3} {'ms':>10} {'ms':>9} {'':>6} {'ms':>10} {'ms':>9} {'':>6} {'s':>8} {'MB':>11} {'MB':>7} {'MB':>8}")
+    for group in args.shapes.split(","):
+        if group not in SHAPES:
+            parser.error(f"--shapes must name groups from {list(SHAPES)}, got {group!r}")
+        for name, *shape in SHAPES[group]:
+            medians, compile_ms, peak_mb, activation_mb, unfold_mb = bench_shape(*shape, args.repeats, args.grad_mode)
+            print(
+                f"{name:<26} {shape[0]:>3} {medians['adder_fwd']:>10.2f} {medians['conv_fwd']:>9.2f} "
+                f"{medians['adder_fwd'] / medians['conv_fwd']:>6.2f} {medians['adder_bwd']:>10.2f} "
+                f"{medians['conv_bwd']:>9.2f} {medians['adder_bwd'] / medians['conv_bwd']:>6.2f} "
+                f"{compile_ms / 1e3:>8.1f} {peak_mb:>11.1f} {activation_mb:>7.1f} {unfold_mb:>8.0f}",
+                flush=True,
+            )
+    print(
+        "peak extra = resident memory during one adder forward+backward above the level before it; "
+        "x+gY = size of the input and grad_out; unfold = the [Cout, Cin*k*k, N*Ho*Wo] float32 temporary "
+        "the published implementation materialises."
+    )
+
+
+if __name__ == "__main__":
+    main()
