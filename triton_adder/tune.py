@@ -39,15 +39,6 @@ from tuning import (
     tile_within,
 )
 
-# The input (H, W) each model of the zoo is defined for (LeNet-5-BN: MNIST, ResNet-20/32: CIFAR-10,
-# ResNet-18/50: ImageNet). triton_adder.models does not expose it (yet): keep in step with it.
-MODEL_INPUT_SIZES = {
-    "lenet5bn": (28, 28),
-    "resnet20": (32, 32),
-    "resnet32": (32, 32),
-    "resnet18": (224, 224),
-    "resnet50": (224, 224),
-}
 DEFAULT_GPU_BATCH = {"lenet5bn": 256, "resnet20": 128, "resnet32": 128, "resnet18": 64, "resnet50": 64}
 INTERPRETER_BATCH = 2  # one interpreter launch of a tiny layer takes ~0.3-2 s
 OP_GROUPS = {"fwd": ("forward",), "bwd": ("grad_input", "grad_weight")}
@@ -96,19 +87,23 @@ FULL_SPACES = {
 
 @dataclass
 class LayerProblem:
-    """One unique adder-layer call of a model: x (N, Cin, H, W), weight (Cout, Cin/groups, kh, kw)."""
+    """One unique adder-layer call of a model: x (N, Cin, H, W), weight (Cout, Cin/groups, kh, kw).
+
+    Tuned without a bias: the zoo's adder layers have none, and a bias is one epilogue add.
+    """
 
     layers: list[str]
     x_shape: tuple[int, int, int, int]
     weight_shape: tuple[int, int, int, int]
     geom: object  # triton_adder.geometry.Conv2dGeometry
-    has_bias: bool
+    has_bias: bool = False
 
     @property
     def shape_text(self) -> str:
         n, cin, h, w = self.x_shape
         cout, _, kh, kw = self.weight_shape
-        text = f"{n}x{cin}x{h}x{w} -> {cout} k{kh}x{kw} s{self.geom.stride[0]}"
+        (sh, _), (ph, _) = self.geom.stride, self.geom.padding
+        text = f"{n}x{cin}x{h}x{w}->{cout} {kh}x{kw} s{sh} p{ph}"
         return text + (f" g{self.geom.groups}" if self.geom.groups != 1 else "")
 
 
@@ -147,37 +142,25 @@ def parse_ops(text: str) -> tuple[str, ...]:
     return tuple(ops)
 
 
-def collect_problems(model: torch.nn.Module, input_shape: Sequence[int], batch_size: int) -> list[LayerProblem]:
-    """Unique adder-layer problems of `model` for input (batch_size, *input_shape).
+def collect_problems(model: torch.nn.Module, input_shape: Sequence[int]) -> list[LayerProblem]:
+    """Unique adder-layer problems of `model` for input `input_shape` (N, C, H, W), in first-use order.
 
-    Runs one forward on the meta device (shapes only) with pre-hooks on every `Adder2d`; layers
-    with the same input shape, weight shape and geometry share one problem.
+    Uses `triton_adder.bench.census` (one forward on the meta device: shapes only, no memory);
+    layers with the same input shape, weight shape and geometry share one problem.
     """
-    from triton_adder.functional import resolve_geometry
-    from triton_adder.nn import Adder2d
+    from triton_adder.bench import census
 
-    model = model.to("meta").eval()
     found: dict[tuple, LayerProblem] = {}
-    names = {module: name for name, module in model.named_modules()}
-
-    def record(module, inputs):
-        x = inputs[0]
-        geom = resolve_geometry(
-            tuple(x.shape[-2:]), module.kernel_size, module.stride, module.padding, module.dilation, module.groups
-        )
-        x_shape = (batch_size, *(int(v) for v in x.shape[1:]))
-        key = (x_shape, tuple(module.weight.shape), geom, module.bias is not None)
+    for call in census(model, tuple(input_shape)):
+        if call.kind != "adder":
+            continue
+        shape = call.shape
+        x_shape = (shape.batch, shape.cin, shape.h, shape.w)
+        weight_shape = (shape.cout, shape.cin // shape.geom.groups, shape.kh, shape.kw)
+        key = (x_shape, weight_shape, shape.geom)
         if key not in found:
-            found[key] = LayerProblem([], x_shape, tuple(module.weight.shape), geom, module.bias is not None)
-        found[key].layers.append(names[module])
-
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, Adder2d)]
-    try:
-        with torch.no_grad():
-            model(torch.empty((1, *input_shape), device="meta"))
-    finally:
-        for handle in handles:
-            handle.remove()
+            found[key] = LayerProblem([], x_shape, weight_shape, shape.geom)
+        found[key].layers.append(call.module)
     return list(found.values())
 
 
@@ -324,7 +307,8 @@ def format_time(seconds: float | None) -> str:
     return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def print_table(rows: list[Row], functional: bool, out=sys.stdout) -> None:
+def print_table(rows: list[Row], functional: bool, out=None) -> None:
+    out = sys.stdout if out is None else out
     headers = ["layer", "op", "shape", "best config (MxNxK warps stages)", "time", "default", "speedup", "status"]
     lines = [
         [
@@ -351,8 +335,8 @@ def print_table(rows: list[Row], functional: bool, out=sys.stdout) -> None:
 class Progress:
     """A one-line progress bar on stderr (no dependency): [####....] 3/12 conv2 forward."""
 
-    def __init__(self, total: int, stream=sys.stderr, width: int = 24):
-        self.total, self.stream, self.width = max(1, total), stream, width
+    def __init__(self, total: int, stream=None, width: int = 24):
+        self.total, self.stream, self.width = max(1, total), sys.stderr if stream is None else stream, width
         self.started = time.perf_counter()
 
     def update(self, done: int, label: str) -> None:
@@ -402,10 +386,11 @@ def tune_model(
 ) -> list[Row]:
     """Tune every (unique layer problem, op) of `model_name` not yet in `cache`; return the table rows."""
     from triton_adder import configs, models
+    from triton_adder.bench import MODEL_INPUT_SIZE
 
-    model = models.build(model_name, adder=True)
-    in_channels = models.MODELS[model_name][2]
-    problems = collect_problems(model, (in_channels, *MODEL_INPUT_SIZES[model_name]), batch_size)
+    size = MODEL_INPUT_SIZE[model_name]
+    input_shape = (batch_size, models.MODELS[model_name][2], size, size)
+    problems = collect_problems(models.build(model_name, adder=True), input_shape)
     jobs = [(problem, op) for problem in problems for op in ops]
     progress = progress or Progress(len(jobs))
     benchmarker = benchmarker_for(device, quick=quick)
@@ -476,29 +461,28 @@ def rows_frame(rows: list[Row]):
     )
 
 
-def write_report(path: Path, rows: list[Row], metadata: dict, functional: bool) -> Path:
-    """Write the tuning results as a self-contained HTML page (+ raw CSV/JSON beside it).
+def write_report(target: Path | None, rows: list[Row], model_name: str, batch_size: int, dtype_name: str,
+                 device: torch.device, quick: bool, command_line: str) -> dict[str, Path]:
+    """Benchmark the model with the tuned configs (`triton_adder.bench.measure`) and write the report.
 
-    INTEGRATION POINT: the full report (adder vs convolution from `triton_adder.bench`) belongs
-    here once bench.py has landed; until then the page holds the tuning table only.
+    target: an .html file, a directory (report.html inside), or None for `report.default_output_dir`.
+    The tuning table goes beside it as tuning.csv / tuning.json. Returns the written paths.
     """
-    from reports import Report, write_raw
+    import reports
+    from triton_adder import bench, report
 
-    frame = rows_frame(rows)
-    notice = "Timings are Triton-interpreter wall clock on the CPU, not GPU timings." if functional else None
-    report = Report(f"Tuning: {metadata['model']}", metadata=metadata, notice=notice)
-    tuned = frame[frame["speedup"].notna()]
-    report.add_summary([
-        ("layer problems x ops", str(len(frame)), f"{int((frame['status'] == 'tuned').sum())} tuned this run"),
-        ("median speedup", f"{tuned['speedup'].median():.2f}x" if len(tuned) else "-", "over the default config"),
-    ])  # fmt: skip
-    report.add_section("Best config per layer")
-    report.add_table(frame, caption="time_ms: median of the timed repeats; speedup: default time / best time")
-    report.add_metadata()
-    path = Path(path)
-    written = report.write(path)
-    write_raw(frame, metadata, path.parent, stem=path.stem)
-    return written
+    frame = bench.measure(model_name, batch_size, device=device, quick=quick, adder_dtypes=(dtype_name,),
+                          command_line=command_line)
+    metadata = dict(frame.attrs.get("metadata", {}))
+    if target is None:
+        out_dir, html_name = report.default_output_dir(metadata), "report.html"
+    elif target.suffix.lower() in (".html", ".htm"):
+        out_dir, html_name = target.parent, target.name
+    else:
+        out_dir, html_name = target, "report.html"
+    written = report.write_report(frame, metadata, out_dir=out_dir, html_name=html_name)
+    csv_path, json_path = reports.write_raw(rows_frame(rows), metadata, out_dir, stem="tuning")
+    return {**written, "tuning_csv": csv_path, "tuning_json": json_path}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -506,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m triton_adder.tune",
         description="Tune the adder kernels' launch configs for every adder layer of a model, then report.",
     )
-    parser.add_argument("--model", required=True, choices=sorted(MODEL_INPUT_SIZES))
+    parser.add_argument("--model", required=True, choices=sorted(DEFAULT_GPU_BATCH))
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"default: per model on a GPU {DEFAULT_GPU_BATCH}, {INTERPRETER_BATCH} without one")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -514,8 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=60.0, help="search time per layer problem and op (s)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="tuning cache directory (default $TRITON_ADDER_CACHE_DIR or ~/.cache/triton-adder)")
-    parser.add_argument("--report", type=Path, nargs="?", const="", default=None,
-                        help="write an HTML report (default path: reports/results/tune-<model>-<device>.html)")
+    parser.add_argument("--report", nargs="?", const="", default=None, metavar="PATH",
+                        help="after tuning, benchmark the model and write the HTML report to PATH (.html file or "
+                             "directory; bare --report: reports/<model>-<device>/)")
     parser.add_argument("--quick", action="store_true", help="reduced space (1-2 configs per op), fewer repeats")
     parser.add_argument("--channels-last", action="store_true", help="tune for channels_last activations")
     parser.add_argument("--grad-mode", choices=("paper", "exact"), default="paper")
@@ -540,29 +525,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     from triton_adder import configs
 
+    if args.cache_dir is not None:
+        # The layer's run-time lookup (and the report's tuned rows) must read the cache tuned here.
+        os.environ[configs.CACHE_DIR_ENV] = str(args.cache_dir)
+        configs.clear()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     batch = args.batch_size or (DEFAULT_GPU_BATCH[args.model] if on_gpu else INTERPRETER_BATCH)
     quick = args.quick or not on_gpu
     dtype = DTYPES[args.dtype]
     identity = configs.identity(device)
-    cache = TuningCache(args.cache_dir if args.cache_dir is not None else configs.cache_dir(), identity)
+    cache = configs.cache_for(device)
     print(f"model {args.model}, batch {batch}, {args.dtype}, ops {','.join(ops)}, device {identity.name} "
           f"({identity.capability}, Triton {identity.triton_version}), cache {cache.path}", file=sys.stderr)
     rows = tune_model(args.model, batch, dtype, ops, args.budget_s, cache, device, quick,
                       channels_last=args.channels_last, force=args.force, grad_mode=args.grad_mode)
     print_table(rows, functional=not on_gpu)
     if args.report is not None:
-        path = args.report if str(args.report) else Path("reports/results") / (
-            f"tune-{args.model}-{identity.filename.removesuffix('.json')}.html"
-        )
-        metadata = {
-            "model": args.model, "batch_size": batch, "dtype": args.dtype, "ops": ",".join(ops),
-            "device": identity.name, "capability": identity.capability, "triton": identity.triton_version,
-            "torch": torch.__version__, "quick": quick, "budget_s": args.budget_s,
-            "timings": "Triton interpreter wall clock (functional, not GPU)" if not on_gpu else "CUDA events, median",
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }  # fmt: skip
-        print(f"report: {write_report(path, rows, metadata, functional=not on_gpu)}", file=sys.stderr)
+        print("benchmarking the model for the report ...", file=sys.stderr)
+        command_line = "python -m triton_adder.tune " + " ".join(argv if argv is not None else sys.argv[1:])
+        written = write_report(Path(args.report) if args.report else None, rows, args.model, batch, args.dtype,
+                               device, quick, command_line)
+        print(f"report: {written['html']}", file=sys.stderr)
     return 1 if any(row.status == "failed" for row in rows) else 0
 
 

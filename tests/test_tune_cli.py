@@ -1,0 +1,175 @@
+"""`python -m triton_adder.tune` and the run-time lookup `triton_adder.configs`, through the interpreter.
+
+The end-to-end run tunes LeNet-5-BN's three adder layers (forward, reduced space, batch 1) into a
+temporary cache; the backward tunables are checked on the smallest layer only (the interpreter
+takes seconds per backward launch). Nothing here times anything: interpreter wall clock only
+ranks configs on this machine and is marked functional.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.tolerance import assert_matches_reference
+from triton_adder import configs, models, reference, tune
+from triton_adder.functional import resolve_geometry
+from triton_adder.kernels import forward
+from triton_adder.kernels.config import KernelConfig
+from tuning import WallClockBenchmarker, search
+
+LENET_PROBLEMS = [  # (layer, x shape at batch 1, weight shape)
+    ("conv2", (1, 6, 14, 14), (16, 6, 5, 5)),
+    ("conv3", (1, 16, 5, 5), (120, 16, 5, 5)),
+    ("conv4", (1, 120, 1, 1), (84, 120, 1, 1)),
+]
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A private tuning cache for the test (the CLI's --cache-dir also sets this variable)."""
+    monkeypatch.setenv(configs.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    configs.clear()
+    yield tmp_path / "cache"
+    configs.clear()
+
+
+def test_parse_ops():
+    assert tune.parse_ops("fwd,bwd") == ("forward", "grad_input", "grad_weight")
+    assert tune.parse_ops("bwd, fwd") == ("grad_input", "grad_weight", "forward")
+    assert tune.parse_ops("grad_weight") == ("grad_weight",)
+    with pytest.raises(ValueError, match="--ops entries must be among"):
+        tune.parse_ops("fwd,backward")
+
+
+def test_collect_problems_lenet5bn():
+    problems = tune.collect_problems(models.build("lenet5bn"), (1, 1, 28, 28))
+    assert [(p.layers, p.x_shape, p.weight_shape) for p in problems] == [
+        ([name], x, w) for name, x, w in LENET_PROBLEMS
+    ]
+
+
+def test_collect_problems_merges_repeated_layers():
+    model = models.build("resnet20")
+    problems = tune.collect_problems(model, (4, 3, 32, 32))
+    layers = [name for p in problems for name in p.layers]
+    adder_layers = [name for name, m in model.named_modules() if type(m).__name__ == "Adder2d"]
+    assert sorted(layers) == sorted(adder_layers)  # every adder layer, once
+    assert len(problems) < len(adder_layers)
+    assert len({(p.x_shape, p.weight_shape, p.geom) for p in problems}) == len(problems)
+    assert all(p.x_shape[0] == 4 for p in problems)
+
+
+def test_full_space_prunes_to_configs_the_launcher_accepts():
+    problem = tune.LayerProblem(["layer"], (1, 16, 9, 7), (24, 16, 3, 3), resolve_geometry((9, 7), (3, 3), 1, 1))
+    tunable = tune.make_tunable("forward", problem, torch.float32, torch.device("cpu"), False, quick=False)
+    valid = [c for c in tunable.space if not tunable.violations(c)]
+    assert 0 < len(valid) < len(tunable.space)
+    for config in valid:
+        forward.validate_config(KernelConfig(**config))
+        assert config["block_n"] <= 32 and config["block_k"] <= 16  # Cout 24, Cin 16
+    assert tunable.default == forward.default_config(
+        torch.empty(problem.x_shape), torch.empty(problem.weight_shape), problem.geom
+    ).as_dict()
+
+
+def test_miscompile_check_tolerates_summation_order_only():
+    match = tune.outputs_match(torch.float32, reduction_length=150)
+    reference_out = torch.randn(2, 8, 5, 5) * 100
+    assert match(reference_out + 1e-5 * torch.randn_like(reference_out), reference_out)
+    broken = reference_out.clone()
+    broken[1, 3, 2, 2] += 1.0  # one wrong element, as a bad mask or index would give
+    assert not match(broken, reference_out)
+    assert not match(reference_out[:1], reference_out)
+    assert not match(torch.full_like(reference_out, math.nan), reference_out)
+
+
+@pytest.mark.parametrize("op", ["grad_input", "grad_weight"])
+def test_backward_tunable_on_smallest_lenet_layer(op):
+    _, x_shape, w_shape = LENET_PROBLEMS[2]
+    geom = resolve_geometry(x_shape[2:], w_shape[2:])
+    problem = tune.LayerProblem(["conv4"], x_shape, w_shape, geom)
+    tunable = tune.make_tunable(op, problem, torch.float32, torch.device("cpu"), False, quick=True)
+    result = search(tunable, WallClockBenchmarker(warmup=0, repeats=1), budget_s=60)
+    assert result.best is not None and result.functional and not result.failures
+    # The reduced space: the default and one other BLOCK_M, unless that tile exceeds the problem.
+    assert len(result.evaluations) == 1 + len(tunable.space) - 1 - result.pruned
+    # The stored winner computes the right gradient (the tunable's operands, seed 0).
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(x_shape, generator=generator), torch.randn(w_shape, generator=generator)
+    grad_out = torch.randn((1, w_shape[0], *geom.out_size), generator=generator)
+    expected_x, expected_w = reference.adder2d_backward(grad_out.double(), x.double(), w.double(), geom, "paper")
+    actual = tunable.run(result.best)
+    if op == "grad_input":
+        assert_matches_reference(actual, expected_x, torch.float32, reduction_length=w_shape[0])
+    else:
+        assert_matches_reference(actual, expected_w, torch.float32, reduction_length=geom.out_size[0])
+
+
+def test_cli_end_to_end_lenet5bn_quick(cache_dir, tmp_path, capsys, monkeypatch):
+    # The report step benchmarks the whole model (minutes in the interpreter): record its call instead.
+    calls = {}
+
+    def fake_write_report(target, rows, model_name, batch_size, dtype_name, device, quick, command_line):
+        calls.update(target=target, rows=len(rows), model=model_name, batch=batch_size, quick=quick)
+        return {"html": tmp_path / "report" / "report.html"}
+
+    monkeypatch.setattr(tune, "write_report", fake_write_report)
+    argv = ["--model", "lenet5bn", "--quick", "--ops", "fwd", "--batch-size", "1", "--cache-dir", str(cache_dir)]
+    assert tune.main([*argv, "--report", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr()
+    assert "NOT GPU timings" in out.out and "NOT GPU timings" in out.err
+    table = [line for line in out.out.splitlines() if " forward " in line]
+    assert [line.split()[0] for line in table] == ["conv2", "conv3", "conv4"]
+    assert all("tuned" in line for line in table)
+    assert calls == dict(target=tmp_path / "report", rows=3, model="lenet5bn", batch=1, quick=True)
+
+    files = list(cache_dir.glob("*.json"))
+    assert [f.name for f in files] == [configs.identity(torch.device("cpu")).filename]
+    entries = json.loads(files[0].read_text())["entries"]
+    assert len(entries) == 3
+    assert all(e["functional"] and e["op"] == "forward" and e["kernel_hash"] == forward.KERNEL_SOURCE_HASH
+               for e in entries)
+
+    # A second run finds everything cached and runs no search (this is how it resumes).
+    def no_search(*args, **kwargs):
+        raise AssertionError("a cached problem was tuned again")
+
+    monkeypatch.setattr(tune, "search", no_search)
+    assert tune.main(argv) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if " forward " in line]
+    assert len(table) == 3 and all("cached" in line for line in table)
+
+    # The layer's run-time lookup finds the winners: exact bucket, then nearest bucket.
+    _, x_shape, w_shape = LENET_PROBLEMS[0]
+    geom = resolve_geometry(x_shape[2:], w_shape[2:])
+    stored = next(e for e in entries if e["problem"]["in_channels"] == 6)
+    config = configs.lookup("forward", torch.empty(x_shape), torch.empty(w_shape), geom)
+    assert config == KernelConfig.from_dict(stored["config"])
+    assert configs.lookup("forward", torch.empty(3, *x_shape[1:]), torch.empty(w_shape), geom) == config
+    assert configs.lookup("grad_input", torch.empty(x_shape), torch.empty(w_shape), geom) is None
+
+
+def test_lookup_is_memoised_and_never_fails(cache_dir, monkeypatch):
+    x, w = torch.empty(2, 3, 8, 8), torch.empty(4, 3, 3, 3)
+    geom = resolve_geometry((8, 8), (3, 3))
+    assert configs.lookup("forward", x, w, geom) is None  # nothing cached
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the memo was bypassed")
+
+    monkeypatch.setattr(configs, "cache_for", unreachable)
+    assert configs.lookup("forward", x, w, geom) is None  # answered from the memo
+    configs.clear()
+    with pytest.raises(AssertionError, match="memo was bypassed"):
+        configs.lookup("forward", x, w, geom)
+    with pytest.raises(ValueError, match="op must be one of"):
+        configs.lookup("backward", x, w, geom)
+    cache_dir.mkdir(parents=True)
+    monkeypatch.undo()
+    monkeypatch.setenv(configs.CACHE_DIR_ENV, str(cache_dir))
+    (cache_dir / configs.identity(torch.device("cpu")).filename).write_text("{ not json")
+    configs.clear()
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        assert configs.lookup("forward", x, w, geom) is None
