@@ -186,12 +186,14 @@ def test_sass_script_reports_the_float32_targets():
     # process because the interpreter, once on, replaces kernels and cannot compile.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    command = [sys.executable, "-m", "triton_adder.kernels.sass", "--block", "128", "64", "8", "--warps", "4",
+    # The heuristic default config (128x64x4 here) of a 1x1 layer.
+    command = [sys.executable, "-m", "triton_adder.kernels.sass",
                "--shape", "8", "64", "14", "14", "--cout", "64", "--kernel", "1", "--padding", "0"]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     fp32 = float(re.search(r"fp32_alu\s+\d+\s+([\d.]+) /element", out).group(1))
     assert fp32 <= 2.2, out
+    assert "block 128x64x4 warps=4" in out and "inner loop:" in out, out
     assert "SHFL in loop: 0; spills: 0" in out, out
     assert "shuffle" not in out and "local_spill" not in out, out

@@ -163,16 +163,17 @@ def default_config(x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry) 
     """Heuristic launch config for one shape, used when the tuner has nothing cached.
 
     BLOCK_N follows Cout/groups (no idle columns for depthwise layers) up to 64, BLOCK_M fills
-    ~64 float32 accumulators per thread at 4 warps, BLOCK_K is 8 (float32) or 4 (16-bit inputs:
-    at 8 their widened loads spill) and never above Cin/groups. Screened on sm_90 SASS
-    (`python -m triton_adder.kernels.sass --all-defaults`): no spills, ~2.5 instructions per element.
+    ~64 float32 accumulators per thread at 4 warps, BLOCK_K is 4 and never above Cin/groups.
+    Screened on sm_90 SASS (`python -m triton_adder.kernels.sass --all-defaults`): no spills and
+    ~2.4-2.6 instructions per element; BLOCK_K 8 spilled at 1x1 (128x64), 16 outputs per group
+    (512x16) and 16-bit inputs; 64x64x8 (4 warps) and 128x128x4 (8 warps) spilled thousands.
     """
     outputs_per_group = weight.shape[0] // geom.groups
     channels_per_group = weight.shape[1]
     m = x.shape[0] * geom.out_size[0] * geom.out_size[1]
     block_n = min(64, _next_power_of_two(outputs_per_group))
     block_m = min(8192 // block_n, 1024, max(16, _next_power_of_two(m)))
-    block_k = min(8 if x.dtype == torch.float32 else 4, _next_power_of_two(channels_per_group))
+    block_k = min(4, _next_power_of_two(channels_per_group))
     return KernelConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=4, num_stages=2)
 
 

@@ -64,6 +64,7 @@ class LoopMix:
     registers: int | None
     stack_bytes: int | None
     loop_text: list[str] = field(default_factory=list)
+    scope: str = "inner loop"
 
     def per_element(self) -> dict[str, float]:
         return {name: n / self.elements_per_iteration for name, n in self.loop_counts.items()}
@@ -106,7 +107,8 @@ def innermost_loops(instructions: list[tuple[int, str]]) -> list[tuple[int, int]
     for i, (_, text) in enumerate(instructions):
         if _opcode(text).startswith("BRA"):
             target = re.search(r"(0x[0-9a-f]+)", text.split(None, 2)[-1])
-            if target and int(target.group(1), 16) in index_of and index_of[int(target.group(1), 16)] <= i:
+            # `BRA` to itself is the trap after EXIT, not a loop
+            if target and int(target.group(1), 16) in index_of and index_of[int(target.group(1), 16)] < i:
                 loops.append((index_of[int(target.group(1), 16)], i))
     # innermost: no other loop nested strictly inside
     return [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
@@ -161,20 +163,27 @@ def compile_for_sm90(kernel, args, kwargs):
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
-def loop_mix(compiled, threads: int, elements_per_thread_iteration: float) -> LoopMix:
-    """Count the hottest innermost loop of a compiled kernel (most FADD |.|, then the longest)."""
+def loop_mix(compiled, elements_per_thread_iteration: float, elements_per_thread_kernel: float) -> LoopMix:
+    """Count the hottest innermost loop of a compiled kernel (most FADD |.|, then the longest).
+
+    Without any loop (e.g. Cin/groups == 1 is specialised to a constant, resolving the channel loop
+    at compile time) the whole kernel is counted against `elements_per_thread_kernel`.
+    """
     instructions = parse_sass(sass_of(compiled.asm["cubin"]))
     kernel_counts = Counter(classify(_opcode(t)) for _, t in instructions)
+    registers, stack = resource_usage(compiled.asm["cubin"])
     loops = innermost_loops(instructions)
     if not loops:
-        raise RuntimeError("no loop (backward branch) found in the SASS")
+        return LoopMix(
+            kernel_counts, elements_per_thread_kernel, sum(_is_abs_fadd(t) for _, t in instructions), kernel_counts,
+            registers, stack, [t for _, t in instructions], scope="whole kernel (no loop)",
+        )  # fmt: skip
     start, end = max(
         loops, key=lambda ab: (sum(_is_abs_fadd(t) for _, t in instructions[ab[0] : ab[1] + 1]), ab[1] - ab[0])
     )
     body = instructions[start : end + 1]
     counts = Counter(classify(_opcode(t)) for _, t in body)
     accumulate = sum(_is_abs_fadd(t) for _, t in body)
-    registers, stack = resource_usage(compiled.asm["cubin"])
     return LoopMix(
         counts, elements_per_thread_iteration, accumulate, kernel_counts, registers, stack, [t for _, t in body]
     )
@@ -209,16 +218,18 @@ def forward_mix(
     _, args, kwargs = fwd.kernel_launch(x, weight, None, y, geom, config)
     compiled = compile_for_sm90(fwd.adder2d_forward_kernel, args, kwargs)
     threads = 32 * config.num_warps
-    return loop_mix(compiled, threads, config.block_m * config.block_n * config.block_k / threads), config
+    tile = config.block_m * config.block_n
+    whole = tile * (cin // groups) * kh * kw / threads
+    return loop_mix(compiled, tile * config.block_k / threads, whole), config
 
 
 def format_mix(mix: LoopMix, title: str) -> str:
     per = mix.per_element()
     lines = [
         title,
-        f"  registers/thread {mix.registers}, stack {mix.stack_bytes} B, "
-        f"LDL/STL in kernel {mix.spills}, loop length {sum(mix.loop_counts.values())} instrs, "
-        f"{mix.elements_per_iteration:g} elements/thread/iteration "
+        f"  {mix.scope}: registers/thread {mix.registers}, stack {mix.stack_bytes} B, "
+        f"LDL/STL in kernel {mix.spills}, length {sum(mix.loop_counts.values())} instrs, "
+        f"{mix.elements_per_iteration:g} elements/thread "
         f"({mix.abs_fadds} FADD |.| found)",
     ]
     for name in sorted(per, key=lambda k: -per[k]):
