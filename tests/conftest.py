@@ -7,13 +7,20 @@ path forced; kernel tests opt in with `triton_adder.ops.use_backend("triton")` o
 launchers directly.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A developer's own tuning cache must not change which configs the tests launch.
+_test_cache_dir = tempfile.mkdtemp(prefix="triton-adder-test-cache-")
+os.environ["TRITON_ADDER_CACHE_DIR"] = _test_cache_dir
+atexit.register(shutil.rmtree, _test_cache_dir, ignore_errors=True)
 
 from triton_adder import ops  # noqa: E402  (after TRITON_INTERPRET is set)
 
