@@ -12,6 +12,18 @@ FADD acc + |d|), no SHFL in the loop, no LDL/STL anywhere (spills). Run without 
     python -m triton_adder.kernels.sass --dtype float32 --block 128 64 8 --warps 4
     python -m triton_adder.kernels.sass --all-defaults      # the heuristic default on model shapes
 
+Measured with Triton 3.9 (sm_90 compile on a CPU box; instructions per reduced element in the loop,
+layer 32x64x56x56, 64 out, 3x3; "spill" = LDL/STL anywhere in the kernel):
+- float32 128x64x4 / 4 warps (default): FP32 2.000, total 2.47, 249 regs, no spill, no SHFL;
+  128x64x8: 2.000 / 2.55, 198 regs, no spill (but spills on a 1x1 layer); 256x64x8 / 8 warps and
+  64x64x8 / 4 warps spill (the latter 8.1 per element: per-element loads and index math).
+- first version (output offsets via div/mod in the store layout): epilogue spilled 68-212 LDL/STL.
+- float16/bfloat16, widened to float32 at load (adopted): FP32 2.000, total 2.50 at 128x64x4.
+  Difference formed in float16, summed in float32: 0.5 HADD2 + 1.0 HADD2.F32 convert + 1.0 FADD,
+  total 4.14 (PRMT packing, scalar LDS.U16). Partial sums over BLOCK_K in float16 (packed HADD2
+  both times): 1.0 HADD2 + 0.125 convert + 0.125 FADD, total 2.22, but spills at 128x64x8 and
+  rounds every partial sum to float16: not adopted (issue 3 asks for float32 accumulation).
+
 The compile path mirrors Triton's launcher (same argument specialisation: divisibility by 16,
 ints equal to 1), through `JITFunction` internals of Triton 3.x; it is a developer tool, not an API.
 """
