@@ -88,13 +88,18 @@ def adder2d_forward_kernel(
             # Full BLOCK_K steps need no channel mask; the tail (if any) clamps k and zeroes its terms.
             for k0 in range(0, full_channels, BLOCK_K):
                 for kk in tl.static_range(BLOCK_K):
-                    x_k = tl.load(x_tap + (k0 + kk) * stride_xc, mask=x_in, other=0.0)
-                    w_k = tl.load(w_tap + (k0 + kk) * stride_wc, mask=t_valid, other=0.0)
+                    k = k0 + kk
+                    if USE_INT64:
+                        k = tl.cast(k, tl.int64)  # k * stride_xc reaches Cin*H*W
+                    x_k = tl.load(x_tap + k * stride_xc, mask=x_in, other=0.0)
+                    w_k = tl.load(w_tap + k * stride_wc, mask=t_valid, other=0.0)
                     acc += tl.abs(x_k.to(tl.float32)[:, None] - w_k.to(tl.float32)[None, :])
             if full_channels < channels_per_group:
                 for kk in tl.static_range(BLOCK_K):
                     k = full_channels + kk
                     k_safe = tl.minimum(k, channels_per_group - 1)
+                    if USE_INT64:
+                        k_safe = tl.cast(k_safe, tl.int64)
                     x_k = tl.load(x_tap + k_safe * stride_xc, mask=x_in, other=0.0)
                     w_k = tl.load(w_tap + k_safe * stride_wc, mask=t_valid, other=0.0)
                     term = tl.abs(x_k.to(tl.float32)[:, None] - w_k.to(tl.float32)[None, :])
