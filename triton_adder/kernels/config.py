@@ -28,7 +28,7 @@ class KernelConfig:
     WARPS = (1, 2, 4, 8, 16)
     STAGES = (1, 2, 3, 4, 5)
 
-    def validate(self, argument: str = "config") -> "KernelConfig":
+    def validate(self, argument: str = "config") -> KernelConfig:
         """Raise ValueError naming `argument` and the accepted values if any knob is invalid."""
         lo, hi = self.BLOCK_RANGE
         for name in ("block_m", "block_n", "block_k"):
@@ -45,7 +45,7 @@ class KernelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict, argument: str = "config") -> "KernelConfig":
+    def from_dict(cls, values: dict, argument: str = "config") -> KernelConfig:
         """Build from a plain dict (the tuner's cache format), rejecting unknown keys."""
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
