@@ -1,13 +1,14 @@
 """The CPU adder path (`triton_adder.cpu`) side by side with `torch.nn.functional.conv2d` on the same shapes.
 
-    python benchmarks/cpu_vs_conv2d.py [--repeats 7] [--shapes resnet20,resnet50] [--grad-mode paper]
+    python benchmarks/cpu_vs_conv2d.py [--repeats 7] [--shapes resnet20,resnet50] [--grad-mode paper] [--threads N]
 
 For each shape: forward time of the adder layer and of conv2d, their ratio; backward time
 (input + weight gradients) of both and their ratio; the compile time of the adder's first call
 (excluded from the timings); and the peak extra memory of the adder's forward + backward (peak
 resident memory above the level before the call, see `peak_extra_rss_megabytes`). Timings are
 medians of `--repeats` runs with adder and conv2d interleaved, so load from other processes hits
-both alike; the ratios are what to compare across machines. torch runs with its default threads.
+both alike; the ratios are what to compare across machines. torch runs with its default threads
+unless --threads is given (on a loaded machine --threads 1 gives steadier ratios).
 """
 
 from __future__ import annotations
@@ -129,10 +130,11 @@ def bench_shape(batch, cin, cout, size, kernel, stride, padding, repeats, grad_m
         samples["adder_bwd"].append(timed(adder_backward))
         samples["conv_bwd"].append(timed(conv_backward))
     medians = {name: statistics.median(values) for name, values in samples.items()}
+    minimums = {name: min(values) for name, values in samples.items()}
     peak_mb = peak_extra_rss_megabytes(lambda: (adder_forward(), adder_backward()))
     activation_mb = (x.numel() + grad_out.numel()) * 4 / 2**20
     unfold_mb = cout * cin * kernel * kernel * batch * out * out * 4 / 2**20
-    return medians, compile_ms, peak_mb, activation_mb, unfold_mb
+    return medians, minimums, compile_ms, peak_mb, activation_mb, unfold_mb
 
 
 def main(argv=None):
@@ -140,7 +142,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per shape (median reported)")
     parser.add_argument("--shapes", default="resnet20,resnet50", help=f"comma-separated subset of {list(SHAPES)}")
     parser.add_argument("--grad-mode", default="paper", choices=("paper", "exact"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(machine_description())
     print(
         f"compiler: {'inductor' if cpu.compiler_enabled() else 'OFF (eager chunked path)'}; "
@@ -148,24 +153,31 @@ def main(argv=None):
         "bwd = input + weight gradients"
     )
     header = (
-        f"{'shape':<26} {'N':>3} {'adder fwd':>10} {'conv fwd':>9} {'ratio':>6} {'adder bwd':>10} {'conv bwd':>9} "
-        f"{'ratio':>6} {'compile':>8} {'peak extra':>11} {'x+gY':>7} {'unfold':>8}"
+        f"{'shape':<26} {'N':>3} {'adder fwd':>10} {'conv fwd':>9} {'ratio':>6} {'(min)':>6} {'adder bwd':>10} "
+        f"{'conv bwd':>9} {'ratio':>6} {'(min)':>6} {'compile':>8} {'peak extra':>11} {'x+gY':>7} {'unfold':>8}"
     )
     print(header)
-    print(f"{'':<26} {'':>3} {'ms':>10} {'ms':>9} {'':>6} {'ms':>10} {'ms':>9} {'':>6} {'s':>8} {'MB':>11} {'MB':>7} {'MB':>8}")
+    units = ["", "", "ms", "ms", "", "", "ms", "ms", "", "", "s", "MB", "MB", "MB"]
+    widths = [26, 3, 10, 9, 6, 6, 10, 9, 6, 6, 8, 11, 7, 8]
+    print(" ".join(f"{unit:>{width}}" for unit, width in zip(units, widths)))
     for group in args.shapes.split(","):
         if group not in SHAPES:
             parser.error(f"--shapes must name groups from {list(SHAPES)}, got {group!r}")
         for name, *shape in SHAPES[group]:
-            medians, compile_ms, peak_mb, activation_mb, unfold_mb = bench_shape(*shape, args.repeats, args.grad_mode)
+            medians, minimums, compile_ms, peak_mb, activation_mb, unfold_mb = bench_shape(
+                *shape, args.repeats, args.grad_mode
+            )
             print(
                 f"{name:<26} {shape[0]:>3} {medians['adder_fwd']:>10.2f} {medians['conv_fwd']:>9.2f} "
-                f"{medians['adder_fwd'] / medians['conv_fwd']:>6.2f} {medians['adder_bwd']:>10.2f} "
+                f"{medians['adder_fwd'] / medians['conv_fwd']:>6.2f} "
+                f"{minimums['adder_fwd'] / minimums['conv_fwd']:>6.2f} {medians['adder_bwd']:>10.2f} "
                 f"{medians['conv_bwd']:>9.2f} {medians['adder_bwd'] / medians['conv_bwd']:>6.2f} "
+                f"{minimums['adder_bwd'] / minimums['conv_bwd']:>6.2f} "
                 f"{compile_ms / 1e3:>8.1f} {peak_mb:>11.1f} {activation_mb:>7.1f} {unfold_mb:>8.0f}",
                 flush=True,
             )
     print(
+        "ratio = ratio of medians; (min) = ratio of the fastest runs, less sensitive to other load; "
         "peak extra = resident memory during one adder forward+backward above the level before it; "
         "x+gY = size of the input and grad_out; unfold = the [Cout, Cin*k*k, N*Ho*Wo] float32 temporary "
         "the published implementation materialises."
