@@ -163,6 +163,16 @@ def test_compiled(case, dtype, memory_format, grad_modes, monkeypatch):
     assert len(cpu._compiled) > before, "no compiled callable was used"
 
 
+def test_compiled_channel_blocks(monkeypatch):
+    """Wide layers run in blocks of output (forward) / input (grad_input) channels; force blocks of 1 channel."""
+    monkeypatch.setenv(cpu.COMPILE_ENV, "1")
+    if not cpu.compiler_enabled():
+        pytest.skip(f"inductor unavailable here: {cpu._compiler_failure}")
+    monkeypatch.setattr(cpu, "WEIGHT_BLOCK_BYTES", 64)
+    grouped_with_bias = ((2, 4, 9, 10), (6, 2, 3, 3), (1, 1), (1, 1), (1, 1), 2, (0, 0), True)
+    check_backend(grouped_with_bias, torch.float32, "channels_last", grad_modes=("paper",))
+
+
 def test_compile_failure_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setenv(cpu.COMPILE_ENV, "1")
     monkeypatch.setattr(cpu, "_compiler_failure", None)

@@ -65,6 +65,9 @@ MEMORY_BUDGET_ENV = "TRITON_ADDER_CPU_MEMORY_MB"
 COMPILE_ENV = "TRITON_ADDER_CPU_COMPILE"
 """Set to 0 to skip compilation and always run the chunked eager path."""
 
+WEIGHT_BLOCK_BYTES = 512 * 1024
+"""The compiled forward splits the output channels into blocks whose weights take about this many bytes."""
+
 COMPILED_CACHE_SIZE = 512
 """How many compiled (function, shape) callables are kept (least recently used are dropped)."""
 
@@ -307,10 +310,43 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ge
     b = None if bias is None else bias.detach().to(dtype)
     options = {"out_dtype": x.dtype, "channels_last": _is_channels_last(x)}
     if _use_compiler():
-        y = _compiled_call(_forward_body, options, (taps, w) if b is None else (taps, w, b))
+        y = _forward_compiled(taps, w, b, options)
         if y is not None:
             return y
     return _forward_eager(taps, w, b, options)
+
+
+def _weight_blocks(weight_bytes: int) -> int:
+    """How many channel blocks to split a weight of this size into (measured: unsplit up to about
+    2 blocks' worth, because splitting costs an output copy; 256ch 3x3 went from 5.2x to 3.2x conv2d)."""
+    return 1 if weight_bytes <= 2 * WEIGHT_BLOCK_BYTES else -(-weight_bytes // WEIGHT_BLOCK_BYTES)
+
+
+def _forward_compiled(taps, w, b, options):
+    """The compiled forward, over blocks of output channels whose weights fit in about
+    `WEIGHT_BLOCK_BYTES`: the kernel streams the whole weight block once per output position, so
+    a block that stays in the L2 cache matters for wide layers (measured 256ch@14x14 3x3)."""
+    groups, tg, kh, kw, cg = w.shape
+    per_channel = groups * kh * kw * cg * w.element_size()
+    blocks = _weight_blocks(tg * per_channel)
+    if blocks <= 1:
+        return _compiled_call(_forward_body, options, (taps, w) if b is None else (taps, w, b))
+    block = -(-tg // blocks)
+    n, ho, wo = taps.shape[:3]
+    y = taps.new_empty((n, groups * tg, ho, wo), dtype=options["out_dtype"])
+    if options["channels_last"]:
+        y = y.contiguous(memory_format=torch.channels_last)
+    for t0 in range(0, tg, block):
+        t1 = min(tg, t0 + block)
+        args = (taps, w[:, t0:t1].contiguous())
+        if b is not None:
+            args += (b.reshape(groups, tg)[:, t0:t1].reshape(-1),)
+        y_block = _compiled_call(_forward_body, {**options, "channels_last": True}, args)
+        if y_block is None:
+            return None
+        for g in range(groups):
+            y[:, g * tg + t0 : g * tg + t1] = y_block[:, g * (t1 - t0) : (g + 1) * (t1 - t0)]
+    return y
 
 
 def _forward_eager(taps, w, b, options):
@@ -413,10 +449,30 @@ def grad_input(
     return grad_x if layout == "channels_last" else grad_x.contiguous()
 
 
+def _grad_input_compiled(grad_taps, w_phase, x_phase, options):
+    """The compiled phase, over blocks of input channels whose weights fit in about
+    `WEIGHT_BLOCK_BYTES` (the kernel streams the weight block once per input position)."""
+    groups, u, v, tg, cg = w_phase.shape
+    blocks = _weight_blocks(groups * u * v * tg * cg * w_phase.element_size())
+    if blocks <= 1:
+        return _compiled_call(_grad_input_body, options, (grad_taps, w_phase, x_phase))
+    block = -(-cg // blocks)
+    n, mh, mw = x_phase.shape[:3]
+    out = x_phase.new_empty((n, mh, mw, groups, cg), dtype=options["compute_dtype"])
+    for k0 in range(0, cg, block):
+        k1 = min(cg, k0 + block)
+        args = (grad_taps, w_phase[..., k0:k1].contiguous(), x_phase[..., k0:k1])
+        out_block = _compiled_call(_grad_input_body, options, args)
+        if out_block is None:
+            return None
+        out[..., k0:k1] = out_block.reshape(n, mh, mw, groups, k1 - k0)
+    return out.reshape(n, mh, mw, groups * cg)
+
+
 def _grad_input_phase(grad_taps, w_phase, x_phase, options):
     """Run `_grad_input_body` compiled, else eagerly on chunks of rows (and input channels)."""
     if _use_compiler():
-        out = _compiled_call(_grad_input_body, options, (grad_taps, w_phase, x_phase))
+        out = _grad_input_compiled(grad_taps, w_phase, x_phase, options)
         if out is not None:
             return out
     n, mh, mw, u, v, groups, tg = grad_taps.shape
