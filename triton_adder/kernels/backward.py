@@ -240,7 +240,7 @@ def grad_weight_kernel(
     gy_sum = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     for l0 in range(l_start, l_end, BLOCK_K):
         for kk in tl.static_range(BLOCK_K):
-            l_valid = tl.to_tensor(l0 + kk) < l_end
+            l_valid = l0 + kk < l_end  # l_end is a tensor, so this is one (also under the interpreter)
             row = p * stride_h + tap_h
             col = q * stride_w + tap_w
             inside = l_valid & (row >= 0) & (row < H) & (col >= 0) & (col < W)
@@ -299,8 +299,12 @@ def _check_operands(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
             raise ValueError(f"{name}.dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, got {tensor.dtype}")
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; all operands must share a device")
-        if tensor.numel() > _MAX_INT32_ELEMENTS:
-            raise ValueError(f"{name} has {tensor.numel()} elements; the kernels support at most 2**31 - 1")
+        reach = sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+        if tensor.numel() > _MAX_INT32_ELEMENTS or reach > _MAX_INT32_ELEMENTS:
+            raise ValueError(
+                f"{name} spans {max(tensor.numel(), reach + 1)} elements; the backward kernels index with int32 "
+                "and support at most 2**31 - 1"
+            )
     n, cin = x.shape[:2]
     cout, cg = weight.shape[:2]
     if geom.groups < 1 or cin % geom.groups or cout % geom.groups or cin // geom.groups != cg:
@@ -326,31 +330,36 @@ def _pow2_between(value: int, lo: int, hi: int) -> int:
 def default_grad_input_config(x_shape, weight_shape, geom: Conv2dGeometry, device_type: str = "cuda") -> KernelConfig:
     """Heuristic launch config of `grad_input_kernel` for x (N, Cin, H, W) and weight (Cout, Cg, kh, kw).
 
-    GPU: 128 positions x 64 channels x 8 output channels per step, 4 warps, the tile DESIGN.md
-    section 2 found spill-free for the forward's rank-1 loop; narrower in channels when the group
-    has fewer. Interpreter (CPU): 16 x 16 x 4 keeps a launch within seconds.
-    """
-    n, _, h, w = x_shape
-    cout, cg = weight_shape[:2]
-    tg = cout // geom.groups
-    if device_type != "cuda":
-        return KernelConfig(16, _pow2_between(cg, 16, 16), 4, num_warps=4, num_stages=1)
-    positions = n * -(-h // geom.stride[0]) * -(-w // geom.stride[1])
-    block_n = _pow2_between(cg, 16, 64)
-    block_m = _pow2_between(positions, 16, 128 if block_n == 64 else 256)
-    return KernelConfig(block_m, block_n, _pow2_between(tg, 1, 8), num_warps=4, num_stages=2)
-
-
-def default_grad_weight_config(x_shape, weight_shape, geom: Conv2dGeometry, device_type: str = "cuda") -> KernelConfig:
-    """Heuristic launch config of `grad_weight_kernel`: BLOCK_M output x BLOCK_N input channels per program.
-
-    BLOCK_K is the number of (n, p, q) reduction steps unrolled per loop iteration.
+    GPU: 64 positions x 32 input channels, 4 output channels per step, 2 warps (32 accumulators
+    and 32 X/2 values per thread). Screened on sm_90 SASS (ResNet 64-channel 3x3 layer, float32):
+    2.09 FP32 and 2.88 instructions in all per element, no spills; 128 x 64 tiles or 8 output
+    channels per step spill (the X tile doubles the live registers of the forward's loop).
+    Narrower groups take 16 channels and twice the positions. Interpreter (CPU): 16 x 16 x 4.
     """
     cout, cg = weight_shape[:2]
     tg = cout // geom.groups
     if device_type != "cuda":
         return KernelConfig(16, 16, 4, num_warps=4, num_stages=1)
-    return KernelConfig(_pow2_between(tg, 16, 64), _pow2_between(cg, 16, 64), 8, num_warps=4, num_stages=2)
+    block_n = _pow2_between(cg, 16, 32)
+    return KernelConfig(2048 // block_n, block_n, _pow2_between(tg, 1, 4), num_warps=2, num_stages=2)
+
+
+def default_grad_weight_config(x_shape, weight_shape, geom: Conv2dGeometry, device_type: str = "cuda") -> KernelConfig:
+    """Heuristic launch config of `grad_weight_kernel`: BLOCK_M output x BLOCK_N input channels per program.
+
+    BLOCK_K is the number of (n, p, q) reduction steps unrolled per loop iteration. GPU: at most
+    64 accumulators per thread (64 x 64 with 2 warps, 128 x 64 with 4), 8 steps unrolled; screened
+    on sm_90 SASS (float32, paper mode): 1.02 FP32 and 1.82 instructions in all per element, no
+    spills in the loop. 64 x 64 with 4 warps and 128 x 128 with 8 warps spill. Interpreter: 16 x 16 x 4.
+    """
+    cout, cg = weight_shape[:2]
+    tg = cout // geom.groups
+    if device_type != "cuda":
+        return KernelConfig(16, 16, 4, num_warps=4, num_stages=1)
+    block_n = _pow2_between(cg, 16, 64)
+    block_m = _pow2_between(tg, 16, 8192 // block_n if block_n == 64 else 64)
+    num_warps = max(1, min(4, block_m * block_n // (64 * 32)))
+    return KernelConfig(block_m, block_n, 8, num_warps=num_warps, num_stages=2)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -530,14 +539,20 @@ def _grad_weight_conv_identity(grad_out, x, weight, geom):
     hpad, wpad = geom.padded_extent((kh, kw))
     top, left = geom.padding
     h, w = x.shape[2:]
-    # Pad (or crop: negative padding) to exactly the rows/columns the taps read, so that a
-    # stride-s convolution without padding produces exactly out_size.
-    xpad = F.pad(x.to(compute_dtype), (left, wpad - left - w, top, hpad - top - h))
+    bottom, right = hpad - top - h, wpad - left - w
+    x_compute = x.to(compute_dtype)
+    if (bottom, right) == (top, left):
+        padding = [top, left]  # symmetric: the convolution pads itself, no copy of x
+    else:
+        # Pad (or crop: negative padding) to exactly the rows/columns the taps read, so that a
+        # convolution without padding produces exactly out_size.
+        x_compute = F.pad(x_compute, (left, right, top, bottom))
+        padding = [0, 0]
     gy = grad_out.to(compute_dtype)
     w_compute = weight.to(compute_dtype)
     with _ieee_float32() if x.device.type == "cuda" else contextlib.nullcontext():
         _, gy_x, _ = torch.ops.aten.convolution_backward(
-            gy, xpad, w_compute, None, list(geom.stride), [0, 0], list(geom.dilation), False, [0, 0],
+            gy, x_compute, w_compute, None, list(geom.stride), padding, list(geom.dilation), False, [0, 0],
             geom.groups, [False, True, False],
         )  # fmt: skip
     gy_sum = gy.sum(dim=(0, 2, 3))
