@@ -150,7 +150,7 @@ def train(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     shuffle = torch.Generator().manual_seed(seed)
     curve = []
-    start = time.perf_counter()
+    start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(len(train_split.labels), generator=shuffle)
@@ -186,6 +186,8 @@ def train(
             "elapsed_s": time.perf_counter() - start,
         }
         curve.append(row)
+        if output_dir is not None:  # the curve so far survives an interrupted run
+            write_curve(Path(output_dir), name, curve)
         if bar is not None:
             bar.close(
                 f"loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2f}% | "
@@ -213,6 +215,9 @@ def train(
         "held_out_loss": curve[-1]["held_out_loss"],
         "train_accuracy": curve[-1]["train_accuracy"],
         "wall_time_s": round(time.perf_counter() - start, 1),
+        # The machine is shared: CPU time of this process, and the 1-minute load average at start.
+        "cpu_time_s": round(time.process_time() - cpu_start, 1),
+        "load_average_at_start": load_start,
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
     }
@@ -225,9 +230,7 @@ def write_run(output_dir: Path, name: str, summary: dict, curve: list[dict], mod
     """Write RUN.json, RUN.csv and RUN.pt (see the module docstring)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    columns = list(curve[0])
-    lines = [",".join(columns)] + [",".join(f"{row[c]:.6g}" for c in columns) for row in curve]
-    (output_dir / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    write_curve(output_dir, name, curve)
     torch.save(model.state_dict(), output_dir / f"{name}.pt")
 
 
@@ -260,6 +263,14 @@ def fit_laplace_and_gaussian(values: torch.Tensor) -> dict:
         "better_fit": "laplace" if laplace_ll > gaussian_ll else "gaussian",
         "excess_kurtosis": (((values - mean) / std) ** 4).mean().item() - 3.0,
     }
+
+
+def write_curve(output_dir: Path, name: str, curve: list[dict]) -> None:
+    """Write RUN.csv: a header and one row per epoch."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    columns = list(curve[0])
+    lines = [",".join(columns)] + [",".join(f"{row[c]:.6g}" for c in columns) for row in curve]
+    (output_dir / f"{name}.csv").write_text("\n".join(lines) + "\n")
 
 
 def read_curve(path: Path) -> dict[str, list[float]]:
@@ -298,7 +309,7 @@ def plot_figures(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR) -> dict:
                 "final_held_out_accuracy": curve["held_out_accuracy"][-1],
             }
         loss_axis.set(xlabel="epoch", ylabel="training loss", yscale="log", title="AdderNet LeNet-5-BN, training loss")
-        accuracy_axis.set(xlabel="epoch", ylabel="held-out accuracy (%)", title="held-out accuracy (1,000 images)")
+        accuracy_axis.set(xlabel="epoch", ylabel="held-out accuracy (%)", title="held-out accuracy")
         accuracy_axis.legend()
         for axis in (loss_axis, accuracy_axis):
             axis.grid(alpha=0.3)
@@ -325,8 +336,10 @@ def plot_figures(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR) -> dict:
                     gauss["std"] * math.sqrt(2 * math.pi)
                 )
                 laplace_pdf = torch.exp(-(grid - lap["loc"]).abs() / lap["scale"]) / (2 * lap["scale"])
-                axis.plot(grid, laplace_pdf, label=f"Laplace (ll {lap['mean_log_likelihood']:.3f})")
-                axis.plot(grid, gaussian_pdf, "--", label=f"Gaussian (ll {gauss['mean_log_likelihood']:.3f})")
+                axis.plot(grid, laplace_pdf, label=f"Laplace (mean log-lik. {lap['mean_log_likelihood']:.3f})")
+                axis.plot(
+                    grid, gaussian_pdf, "--", label=f"Gaussian (mean log-lik. {gauss['mean_log_likelihood']:.3f})"
+                )
                 axis.set_title(
                     f"{label} {layer} ({values.numel()} weights): {fit['better_fit']} fits better", fontsize=9
                 )
