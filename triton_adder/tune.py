@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from triton_adder.tolerance import tolerances
 from tuning import (
     Constraint,
     SearchSpace,
@@ -52,10 +53,9 @@ SHARED_MEMORY_BYTES = 227 * 1024
 MAX_ACCUMULATORS_PER_THREAD = 128
 
 # Miscompile check of a winner against the default config's output (not a precision test: two
-# Triton configs differ only in summation order, a miscompile is off by O(1)): |a - b| <= atol + rtol*|b|
-# with atol per reduced term times the reduction length, 10x the test table's float32 entry.
-ATOL_PER_TERM = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}
-RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-8}
+# Triton configs differ only in summation order, a miscompile is off by O(1)), so the library's
+# error table is widened 10x.
+MISCOMPILE_TOLERANCE_WIDENING = 10.0
 
 FULL_SPACES = {
     # forward: BLOCK_M output positions x BLOCK_N output channels, BLOCK_K input channels per step.
@@ -181,13 +181,13 @@ def _tile(knob: str, extent: int, values: Sequence[int]) -> Constraint:
 
 
 def outputs_match(dtype: torch.dtype, reduction_length: int) -> Callable[[torch.Tensor, torch.Tensor], bool]:
-    """The winner-vs-default output check for one op (see ATOL_PER_TERM)."""
-    atol = ATOL_PER_TERM[dtype] * max(1, reduction_length)
+    """The winner-vs-default output check for one op (see MISCOMPILE_TOLERANCE_WIDENING)."""
+    tol = tolerances(dtype, reduction_length, widen=MISCOMPILE_TOLERANCE_WIDENING)
 
     def match(candidate: torch.Tensor, reference: torch.Tensor) -> bool:
         if candidate.shape != reference.shape:
             return False
-        return bool(torch.allclose(candidate.double(), reference.double(), rtol=RTOL[dtype], atol=atol))
+        return bool(torch.allclose(candidate.double(), reference.double(), **tol))
 
     return match
 
