@@ -1,4 +1,4 @@
-"""SASS instruction mix of the forward kernel's inner loop, per reduced element, compiled for sm_90.
+"""SASS instruction mix of an adder kernel's inner loop, per reduced element, compiled for sm_90.
 
 A GPU-free performance proxy (DESIGN.md sections 2 and 4): Triton compiles for an explicit Hopper
 target without a GPU, `cuobjdump` (shipped in the triton wheel) disassembles the cubin, and the
@@ -7,10 +7,21 @@ instruction is issued once per warp and does one lane's work, so per-thread coun
 elements each thread reduces per loop iteration give instructions per reduced element.
 
 Targets (issue 3): float32 at most 2.2 FP32 ALU instructions per element (floor 2: FADD x - w, then
-FADD acc + |d|), no SHFL in the loop, no LDL/STL anywhere (spills). Run without TRITON_INTERPRET:
+FADD acc + |d|), no SHFL in the loop, no LDL/STL anywhere (spills). The backward kernels (issue 4)
+get the same 10% over their floor in paper mode: grad_input 2.2 (FADD.SAT, FFMA), grad_weight 1.1
+(FFMA); exact mode (sign) has no target and is reported only. Run without TRITON_INTERPRET:
 
     python -m triton_adder.kernels.sass --dtype float32 --block 128 64 8 --warps 4
     python -m triton_adder.kernels.sass --all-defaults      # the heuristic default on model shapes
+    python -m triton_adder.kernels.sass --kernel grad_input --all-defaults    # backward kernels too
+    python -m triton_adder.kernels.sass --kernel grad_weight --grad-mode exact --shape 64 128 28 28 --cout 128
+
+`--kernel` picks the forward kernel (an element is one |x - w| term), `grad_input_kernel` (one
+gY * clamp(W - X) term, paper eq. 6: floor 2 FP32 instructions, FADD.SAT + FFMA) or
+`grad_weight_kernel` (one gY * X term, paper eq. 5: floor 1, an FFMA); each is compiled through its
+launch helper (`kernel_launch`, `grad_input_launch`, `grad_weight_launch`), so the specialisation
+is the launcher's. The hottest loop is the one with the most FADD |.| (forward) or FP32 instructions
+(backward), then the longest.
 
 Measured with Triton 3.9 (sm_90 compile on a CPU box; instructions per reduced element in the loop,
 layer 32x64x56x56, 64 out, 3x3; "spill" = LDL/STL anywhere in the kernel):
@@ -67,16 +78,21 @@ _BRANCH_RE = re.compile(r"\bBRA(?:\.\S+)?\s+(?:`?\(?\.?L_x_\d+\)?|(0x[0-9a-f]+))
 
 @dataclass
 class LoopMix:
-    """Instruction counts of one loop body (per thread, per iteration) and of the whole kernel."""
+    """Instruction counts of one loop body (per thread, per iteration) and of the whole kernel.
+
+    marker_count: instructions of the loop that match the kernel's marker (`marker`, e.g.
+    "FADD |.|": one per reduced element of the forward), the sanity check that the right loop was counted.
+    """
 
     loop_counts: Counter
     elements_per_iteration: float
-    abs_fadds: int
+    marker_count: int
     kernel_counts: Counter
     registers: int | None
     stack_bytes: int | None
     loop_text: list[str] = field(default_factory=list)
     scope: str = "inner loop"
+    marker: str = "FADD |.|"
 
     def per_element(self) -> dict[str, float]:
         return {name: n / self.elements_per_iteration for name, n in self.loop_counts.items()}
@@ -132,6 +148,28 @@ def _is_abs_fadd(text: str) -> bool:
     return opcode.startswith("FADD") and "|" in text
 
 
+def _is_fp32_alu(text: str) -> bool:
+    """Any FP32-pipe ALU instruction: the backward kernels' work (FADD.SAT, FFMA, FSEL ...)."""
+    return classify(_opcode(text)) == "fp32_alu"
+
+
+# Per kernel: (marker predicate, marker name) that finds the hot loop.
+HOT_LOOP_MARKERS = {
+    "forward": (_is_abs_fadd, "FADD |.|"),
+    "grad_input": (_is_fp32_alu, "FP32 ALU"),
+    "grad_weight": (_is_fp32_alu, "FP32 ALU"),
+}
+# FP32 ALU instructions per element the loop may issue: 10% over the floor (module docstring).
+# Keyed by (kernel, grad_mode); None: no target (reported only).
+FP32_TARGETS = {
+    ("forward", None): 2.2,
+    ("grad_input", "paper"): 2.2,
+    ("grad_weight", "paper"): 1.1,
+    ("grad_input", "exact"): None,
+    ("grad_weight", "exact"): None,
+}
+
+
 def resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
     """(registers per thread, stack frame bytes) from `cuobjdump -res-usage`."""
     from triton import knobs  # noqa: PLC0415
@@ -175,8 +213,14 @@ def compile_for_sm90(kernel, args, kwargs):
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
-def loop_mix(compiled, elements_per_thread_iteration: float, elements_per_thread_kernel: float) -> LoopMix:
-    """Count the hottest innermost loop of a compiled kernel (most FADD |.|, then the longest).
+def loop_mix(
+    compiled,
+    elements_per_thread_iteration: float,
+    elements_per_thread_kernel: float,
+    marker=_is_abs_fadd,
+    marker_name: str = "FADD |.|",
+) -> LoopMix:
+    """Count the hottest innermost loop of a compiled kernel (most `marker` instructions, then the longest).
 
     Without any loop (e.g. Cin/groups == 1 is specialised to a constant, resolving the channel loop
     at compile time) the whole kernel is counted against `elements_per_thread_kernel`.
@@ -187,18 +231,32 @@ def loop_mix(compiled, elements_per_thread_iteration: float, elements_per_thread
     loops = innermost_loops(instructions)
     if not loops:
         return LoopMix(
-            kernel_counts, elements_per_thread_kernel, sum(_is_abs_fadd(t) for _, t in instructions), kernel_counts,
-            registers, stack, [t for _, t in instructions], scope="whole kernel (no loop)",
+            kernel_counts, elements_per_thread_kernel, sum(marker(t) for _, t in instructions), kernel_counts,
+            registers, stack, [t for _, t in instructions], scope="whole kernel (no loop)", marker=marker_name,
         )  # fmt: skip
-    start, end = max(
-        loops, key=lambda ab: (sum(_is_abs_fadd(t) for _, t in instructions[ab[0] : ab[1] + 1]), ab[1] - ab[0])
-    )
+    start, end = max(loops, key=lambda ab: (sum(marker(t) for _, t in instructions[ab[0] : ab[1] + 1]), ab[1] - ab[0]))
     body = instructions[start : end + 1]
     counts = Counter(classify(_opcode(t)) for _, t in body)
-    accumulate = sum(_is_abs_fadd(t) for _, t in body)
     return LoopMix(
-        counts, elements_per_thread_iteration, accumulate, kernel_counts, registers, stack, [t for _, t in body]
-    )
+        counts, elements_per_thread_iteration, sum(marker(t) for _, t in body), kernel_counts, registers, stack,
+        [t for _, t in body], marker=marker_name,
+    )  # fmt: skip
+
+
+def _meta_layer(dtype, shape, cout, kernel_size, stride, padding, groups, channels_last):
+    """(x, weight, geom) on the meta device: shapes and strides only, nothing allocated."""
+    from triton_adder.geometry import Conv2dGeometry  # noqa: PLC0415
+
+    n, cin, h, w = shape
+    kh, kw = kernel_size
+    ho = (h + 2 * padding - kh) // stride + 1
+    wo = (w + 2 * padding - kw) // stride + 1
+    geom = Conv2dGeometry((stride, stride), (padding, padding), (1, 1), groups, (ho, wo))
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.empty((cout, cin // groups, kh, kw), dtype=dtype, device="meta")
+    return x, weight, geom
 
 
 def forward_mix(
@@ -211,22 +269,15 @@ def forward_mix(
     padding=1,
     groups=1,
     channels_last=False,
-) -> LoopMix:
-    """Compile the forward kernel for one layer shape and launch config; return its inner-loop mix."""
-    from triton_adder.geometry import Conv2dGeometry  # noqa: PLC0415
+):
+    """Compile the forward kernel for one layer shape and launch config; return (inner-loop mix, config)."""
     from triton_adder.kernels import forward as fwd  # noqa: PLC0415
 
-    n, cin, h, w = shape
+    x, weight, geom = _meta_layer(dtype, shape, cout, kernel_size, stride, padding, groups, channels_last)
+    n, cin = shape[:2]
     kh, kw = kernel_size
-    ho = (h + 2 * padding - kh) // stride + 1
-    wo = (w + 2 * padding - kw) // stride + 1
-    geom = Conv2dGeometry((stride, stride), (padding, padding), (1, 1), groups, (ho, wo))
-    x = torch.empty(shape, dtype=dtype, device="meta")
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    weight = torch.empty((cout, cin // groups, kh, kw), dtype=dtype, device="meta")
     config = fwd.validate_config(fwd.default_config(x, weight, geom) if config is None else config)
-    y = torch.empty((n, cout, ho, wo), dtype=dtype, device="meta", memory_format=fwd.output_memory_format(x))
+    y = torch.empty((n, cout, *geom.out_size), dtype=dtype, device="meta", memory_format=fwd.output_memory_format(x))
     _, args, kwargs = fwd.kernel_launch(x, weight, None, y, geom, config)
     compiled = compile_for_sm90(fwd.adder2d_forward_kernel, args, kwargs)
     threads = 32 * config.num_warps
@@ -235,22 +286,119 @@ def forward_mix(
     return loop_mix(compiled, tile * config.block_k / threads, whole), config
 
 
-def format_mix(mix: LoopMix, title: str) -> str:
+def grad_input_mix(
+    dtype: torch.dtype,
+    config,
+    shape=(32, 64, 56, 56),
+    cout=64,
+    kernel_size=(3, 3),
+    stride=1,
+    padding=1,
+    groups=1,
+    channels_last=False,
+    grad_mode="paper",
+):
+    """Compile `grad_input_kernel` for one layer shape and launch config; return (inner-loop mix, config).
+
+    An element is one (input position, input channel, output channel) term of one tap, so the loop's
+    BLOCK_K unrolled output channels give BLOCK_M * BLOCK_N * BLOCK_K / threads elements per thread.
+    """
+    from triton_adder.kernels import backward  # noqa: PLC0415
+
+    x, weight, geom = _meta_layer(dtype, shape, cout, kernel_size, stride, padding, groups, channels_last)
+    if config is None:
+        config = backward.default_grad_input_config(x.shape, weight.shape, geom, "cuda")
+    config = config.validate("config")
+    grad_out = torch.empty((shape[0], cout, *geom.out_size), dtype=dtype, device="meta")
+    grad_x = torch.empty_like(x)
+    _, args, kwargs = backward.grad_input_launch(grad_out, x, weight, grad_x, geom, grad_mode, config)
+    compiled = compile_for_sm90(backward.grad_input_kernel, args, kwargs)
+    threads = 32 * config.num_warps
+    tile = config.block_m * config.block_n
+    # Without a loop (output channels per group resolved at compile time): every reaching tap once.
+    taps_reaching = kernel_size[0] * kernel_size[1] / (stride * stride)
+    whole = tile * (cout // groups) * taps_reaching / threads
+    marker, name = HOT_LOOP_MARKERS["grad_input"]
+    return loop_mix(compiled, tile * config.block_k / threads, whole, marker, name), config
+
+
+def grad_weight_mix(
+    dtype: torch.dtype,
+    config,
+    shape=(32, 64, 56, 56),
+    cout=64,
+    kernel_size=(3, 3),
+    stride=1,
+    padding=1,
+    groups=1,
+    channels_last=False,
+    grad_mode="paper",
+):
+    """Compile `grad_weight_kernel` for one layer shape and launch config; return (inner-loop mix, config).
+
+    An element is one (output channel, input channel, n*p*q) term, so the loop's BLOCK_K unrolled
+    reduction steps give BLOCK_M * BLOCK_N * BLOCK_K / threads elements per thread. The split of the
+    reduction is `backward.default_split_k` on the meta device (counted as 1 SM, so fewer splits than
+    on a GPU): the split count only changes the run-time scalar L_PER_SPLIT, not the loop.
+    """
+    import triton  # noqa: PLC0415
+
+    from triton_adder.kernels import backward  # noqa: PLC0415
+
+    x, weight, geom = _meta_layer(dtype, shape, cout, kernel_size, stride, padding, groups, channels_last)
+    if config is None:
+        config = backward.default_grad_weight_config(x.shape, weight.shape, geom, "cuda")
+    config = config.validate("config")
+    cg, kh, kw = weight.shape[1:]
+    tg = cout // groups
+    total = shape[0] * geom.out_size[0] * geom.out_size[1]
+    tiles = triton.cdiv(tg, config.block_m) * triton.cdiv(cg, config.block_n) * groups * kh * kw
+    split_k = backward.default_split_k(tiles, total, config.block_k, x.device)
+    l_per_split = triton.cdiv(triton.cdiv(total, split_k), config.block_k) * config.block_k
+    split_k = triton.cdiv(total, l_per_split)
+    grad_out = torch.empty((shape[0], cout, *geom.out_size), dtype=dtype, device="meta")
+    partial = torch.empty((split_k, cout, cg, kh, kw), dtype=torch.float32, device="meta")
+    _, args, kwargs = backward.grad_weight_launch(grad_out, x, weight, partial, geom, grad_mode, config, l_per_split)
+    compiled = compile_for_sm90(backward.grad_weight_kernel, args, kwargs)
+    threads = 32 * config.num_warps
+    tile = config.block_m * config.block_n
+    marker, name = HOT_LOOP_MARKERS["grad_weight"]
+    return loop_mix(compiled, tile * config.block_k / threads, tile * l_per_split / threads, marker, name), config
+
+
+KERNEL_MIXES = {"forward": forward_mix, "grad_input": grad_input_mix, "grad_weight": grad_weight_mix}
+
+
+def format_mix(mix: LoopMix, title: str, fp32_target: float | None = 2.2) -> str:
+    """Text table of one mix: per-class counts per element, then the checks (FP32 ALU target, SHFL, spills)."""
     per = mix.per_element()
     lines = [
         title,
         f"  {mix.scope}: registers/thread {mix.registers}, stack {mix.stack_bytes} B, "
         f"LDL/STL in kernel {mix.spills}, length {sum(mix.loop_counts.values())} instrs, "
         f"{mix.elements_per_iteration:g} elements/thread "
-        f"({mix.abs_fadds} FADD |.| found)",
+        f"({mix.marker_count} {mix.marker} found)",
     ]
     for name in sorted(per, key=lambda k: -per[k]):
         lines.append(f"  {name:<13}{mix.loop_counts[name]:>6}  {per[name]:7.3f} /element")
     lines.append(f"  {'total':<13}{sum(mix.loop_counts.values()):>6}  {mix.total_per_element:7.3f} /element")
     fp32 = per.get("fp32_alu", 0.0)
-    verdict = "fp32_alu <= 2.2" if fp32 <= 2.2 else "fp32_alu > 2.2 (target missed)"
-    lines.append(f"  checks: {verdict}; SHFL in loop: {mix.loop_counts.get('shuffle', 0)}; spills: {mix.spills}")
+    if fp32_target is None:
+        verdict = "fp32_alu: no target (reported only)"
+    elif fp32 <= fp32_target:
+        verdict = f"fp32_alu <= {fp32_target:g}"
+    else:
+        verdict = f"fp32_alu > {fp32_target:g} (target missed)"
+    lines.append(
+        f"  checks: {verdict}; SHFL in loop: {mix.loop_counts.get('shuffle', 0)}; spills: {mix.spills} "
+        f"({mix.loop_counts.get('local_spill', 0)} in the {mix.scope})"
+    )
     return "\n".join(lines)
+
+
+def fp32_target(kernel: str, grad_mode: str) -> float | None:
+    """FP32 ALU instructions per element the loop of `kernel` may issue (FP32_TARGETS)."""
+    return FP32_TARGETS[(kernel, None if kernel == "forward" else grad_mode)]
 
 
 # Layer shapes for --all-defaults: (N, Cin, H, W), Cout, kernel, stride, padding, groups.
@@ -268,13 +416,15 @@ def main(argv=None):
     from triton_adder.kernels.config import KernelConfig  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernel", default="forward", choices=sorted(KERNEL_MIXES), help="which kernel to compile")
+    parser.add_argument("--grad-mode", default="paper", choices=["paper", "exact"], help="backward kernels only")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--block", type=int, nargs=3, metavar=("M", "N", "K"), help="default: heuristic")
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--shape", type=int, nargs=4, default=[32, 64, 56, 56], metavar=("N", "C", "H", "W"))
     parser.add_argument("--cout", type=int, default=64)
-    parser.add_argument("--kernel", type=int, default=3)
+    parser.add_argument("--kernel-size", type=int, default=3, help="square kernel side (kh = kw)")
     parser.add_argument("--stride", type=int, default=1)
     parser.add_argument("--padding", type=int, default=1)
     parser.add_argument("--groups", type=int, default=1)
@@ -287,15 +437,18 @@ def main(argv=None):
         jobs = [(s, c, k, st, p, g, None) for s, c, k, st, p, g in SCREEN_SHAPES]
     else:
         config = None if a.block is None else KernelConfig(*a.block, num_warps=a.warps, num_stages=a.stages)
-        jobs = [(tuple(a.shape), a.cout, (a.kernel, a.kernel), a.stride, a.padding, a.groups, config)]
-    for shape, cout, kernel, stride, padding, groups, config in jobs:
-        mix, used = forward_mix(dtype, config, shape, cout, kernel, stride, padding, groups, a.channels_last)
+        jobs = [(tuple(a.shape), a.cout, (a.kernel_size, a.kernel_size), a.stride, a.padding, a.groups, config)]
+    mix_of = KERNEL_MIXES[a.kernel]
+    extra = {} if a.kernel == "forward" else {"grad_mode": a.grad_mode}
+    mode = "" if a.kernel == "forward" else f" {a.grad_mode}"
+    for shape, cout, kernel_size, stride, padding, groups, config in jobs:
+        mix, used = mix_of(dtype, config, shape, cout, kernel_size, stride, padding, groups, a.channels_last, **extra)
         title = (
-            f"forward {a.dtype} x{shape} cout={cout} k={kernel} s={stride} p={padding} g={groups}"
+            f"{a.kernel}{mode} {a.dtype} x{shape} cout={cout} k={kernel_size} s={stride} p={padding} g={groups}"
             f"{' channels_last' if a.channels_last else ''} | block {used.block_m}x{used.block_n}x{used.block_k}"
             f" warps={used.num_warps} stages={used.num_stages}"
         )
-        print(format_mix(mix, title))
+        print(format_mix(mix, title, fp32_target(a.kernel, a.grad_mode)), flush=True)
         if a.show_loop:
             print("\n".join("    " + t for t in mix.loop_text))
 
