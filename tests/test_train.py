@@ -188,3 +188,12 @@ def test_figures_from_saved_runs(tmp_path):
     assert result["figure4"]["CNN"]["conv3"]["better_fit"] == "laplace"
     assert result["figure4"]["AdderNet"]["conv3"]["better_fit"] == "gaussian", "N(0, 1) initialisation"
     assert json.loads((tmp_path / "figures.json").read_text()) == json.loads(json.dumps(result))
+    accuracies = train.collect_accuracies(tmp_path)
+    assert accuracies == {}, "the stub summaries carry no accuracy"
+    (tmp_path / "seed1").mkdir()
+    (tmp_path / "seed1" / "lenet5bn-cnn.json").write_text(
+        json.dumps({"run": "lenet5bn-cnn", "held_out_accuracy": 97.5})
+    )
+    accuracies = train.collect_accuracies(tmp_path)
+    assert accuracies["seed1/lenet5bn-cnn"]["held_out_accuracy"] == 97.5
+    assert "seed1/lenet5bn-cnn" in json.loads((tmp_path / "accuracies.json").read_text())

@@ -14,13 +14,14 @@ Each run writes, under ``--output-dir`` (default results/mnist), with RUN its na
 - RUN.csv: one row per epoch (train loss/accuracy, held-out loss/accuracy, learning rate, time);
 - RUN.pt: the final state dict (LeNet-5-BN: ~250 KB), for the weight histograms.
 
-``python -m triton_adder.train --figures`` draws, from the runs already in --output-dir, Figure 3
-(AdderNet learning curves: sign gradient vs full-precision gradient vs full-precision + adaptive
-learning rate) and Figure 4 (histograms of the hidden layers' weights, AdderNet vs CNN, with
-Laplace and Gaussian maximum-likelihood fits), and writes figures.json with the fits.
+``python -m triton_adder.train --figures`` does not train: from the runs already in --output-dir it
+writes accuracies.json (every run's final accuracies and times) and draws Figure 3 (AdderNet
+learning curves: sign gradient vs full-precision gradient vs full-precision + adaptive learning
+rate) and Figure 4 (histograms of the hidden layers' weights, AdderNet vs CNN, with Laplace and
+Gaussian maximum-likelihood fits), with the fits in figures.json.
 
-    python -m triton_adder.train --model lenet5bn --cnn --epochs 10
-    python -m triton_adder.train --model lenet5bn --adder --epochs 10
+    python -m triton_adder.train --model lenet5bn --cnn --epochs 40
+    python -m triton_adder.train --model lenet5bn --adder --epochs 40
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def train(
     grad_mode: str = "paper",
     adaptive_lr: bool = True,
     eta: float = PUBLISHED_ETA,
-    epochs: int = 10,
+    epochs: int = 40,
     batch_size: int = 64,
     lr: float = 0.1,
     momentum: float = 0.9,
@@ -281,6 +282,23 @@ def read_curve(path: Path) -> dict[str, list[float]]:
     return {column: [row[i] for row in values] for i, column in enumerate(columns)}
 
 
+def collect_accuracies(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR) -> dict:
+    """Summarise every run under `output_dir` (RUN.json files, subdirectories included) into accuracies.json.
+
+    Returns {relative run path: {held_out_accuracy, train_accuracy, epochs, seed, wall_time_s,
+    cpu_time_s}}.
+    """
+    output_dir = Path(output_dir)
+    keys = ("held_out_accuracy", "train_accuracy", "epochs", "seed", "train_images", "wall_time_s", "cpu_time_s")
+    runs = {}
+    for path in sorted(output_dir.glob("**/*.json")):
+        summary = json.loads(path.read_text())
+        if isinstance(summary, dict) and "held_out_accuracy" in summary and "run" in summary:
+            runs[str(path.relative_to(output_dir).with_suffix(""))] = {k: summary.get(k) for k in keys}
+    (output_dir / "accuracies.json").write_text(json.dumps(runs, indent=2) + "\n")
+    return runs
+
+
 def plot_figures(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR) -> dict:
     """Draw figure3_learning_curves.png and figure4_weight_histograms.png from the runs in `output_dir`.
 
@@ -367,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="adaptive learning-rate scaling of adder weight gradients (eq. 7-8)",
     )
     parser.add_argument("--eta", type=float, default=PUBLISHED_ETA)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--momentum", type=float, default=0.9)
@@ -392,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.figures:
-        result = plot_figures(args.output_dir)
+        result = {"accuracies": collect_accuracies(args.output_dir), **plot_figures(args.output_dir)}
         print(json.dumps(result, indent=2))
         return result
     options = vars(args)
