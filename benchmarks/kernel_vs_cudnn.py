@@ -200,10 +200,10 @@ def format_tables(frame, goals: list[dict], default_grad_weight_method: str | No
     lines.append("")
     lines.append("Median times (ms):")
     options = ("display.width", 250, "display.max_columns", 40, "display.float_format", "{:.3f}".format)
-    times = times.rename(index=layer_ids)
-    times.index.name = times.columns.name = None
+    shown = times.rename(index=layer_ids)
+    shown.index.name = shown.columns.name = None
     with pd.option_context(*options):
-        lines.append(times.to_string())
+        lines.append(shown.to_string())
     lines.append("")
     table = pd.DataFrame(goals)
     if table.empty:
@@ -434,22 +434,18 @@ def _errors(actual, expected) -> dict:
     )
 
 
-def measure(args, device) -> tuple[list[dict], dict]:
-    """Run the selected variants on every layer on `device`; return (rows, run metadata).
+def measure(args, device, timer, layers, after_layer: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Run the selected variants on `layers` [(LayerShape, count)] on `device` with `timer`; return the rows.
 
     device is CUDA in `main`; tests run the same code on the CPU under the Triton interpreter.
+    after_layer(rows so far) runs after each layer (`run` saves there, so a killed run keeps its layers).
     """
     import torch  # noqa: PLC0415
 
     from triton_adder.bench import _tf32 as tf32_mode  # noqa: PLC0415  (the one TF32 switch of the benchmarks)
-    from tuning.benchmark import benchmarker_for  # noqa: PLC0415
 
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     variants = [VARIANT_BY_KEY[key] for key in args.variants]
-    timer = benchmarker_for(device, quick=args.quick)
-    layers = adder_layers(args.model, args.batch, args.kernel_size)[: args.max_layers]
-    if not layers:
-        raise SystemExit(f"--model {args.model} has no adder layer with a {args.kernel_size}x{args.kernel_size} kernel")
     rows = []
     for index, (shape, count) in enumerate(layers):
         run = LayerRun(shape, count, args.grad_mode, args.check_images, seed=index, device=device)
@@ -485,22 +481,28 @@ def measure(args, device) -> tuple[list[dict], dict]:
         del run
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    run_info = {
+        if after_layer is not None:
+            after_layer(rows)
+    return rows
+
+
+def run_description(args, timer_name: str, timer_settings: str, layers: int) -> dict:
+    """The run's own metadata (beside `bench.machine_metadata`'s device, versions, date and command)."""
+    return {
         "benchmark": "kernel_vs_cudnn",
         "model": args.model,
         "batch": args.batch,
         "kernel size": args.kernel_size,
-        "layers": len(layers),
+        "layers": layers,
         "grad mode": args.grad_mode,
         "cudnn.benchmark": args.cudnn_benchmark,
         "variants": ",".join(args.variants),
-        "timing method": f"tuning.benchmark.{type(timer).__name__} {_settings(timer)}; median, p20, p80",
+        "timing method": f"tuning.benchmark.{timer_name} {timer_settings}; median, p20, p80",
         "check": (
             f"float64 reference on the first {args.check_images} image(s), triton_adder.tolerance table; "
             "cuDNN rows: relative error against float64 cuDNN (no pass/fail)"
         ),
     }
-    return rows, run_info
 
 
 def _settings(timer) -> str:
@@ -573,24 +575,35 @@ def parse_args(argv: Sequence[str] | None):
 
 
 def run(args, device, command_line: str):
-    """Measure on `device` and write the CSV/JSON; return (frame, metadata, goals, written paths)."""
+    """Measure on `device`, writing the CSV/JSON after every layer; return (frame, metadata, goals, paths)."""
     import pandas as pd  # noqa: PLC0415
 
     import reports  # noqa: PLC0415
     from triton_adder import bench  # noqa: PLC0415
     from triton_adder.kernels import backward  # noqa: PLC0415
+    from tuning.benchmark import benchmarker_for  # noqa: PLC0415
 
-    rows, run_info = measure(args, device)
-    frame = pd.DataFrame(rows)
-    goals = evaluate_goals(frame)
+    layers = adder_layers(args.model, args.batch, args.kernel_size)[: args.max_layers]
+    if not layers:
+        raise SystemExit(f"--model {args.model} has no adder layer with a {args.kernel_size}x{args.kernel_size} kernel")
+    layer_count = len(layers)
+    timer = benchmarker_for(device, quick=args.quick)
     metadata = bench.machine_metadata(device, command_line)
-    metadata.update(run_info)
+    metadata.update(run_description(args, type(timer).__name__, _settings(timer), layer_count))
     metadata["library default grad_weight method"] = backward.default_grad_weight_method(device, args.grad_mode)
-    metadata["goals"] = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in g.items()}
-                         for g in goals if g["issue"] != "context"]  # fmt: skip
     stem = args.stem or f"kernel_vs_cudnn_{_slug(metadata['device'])}"
-    written = reports.write_raw(frame, metadata, args.out, stem=stem)
-    return frame, metadata, goals, written
+    state = {}
+
+    def save(rows: list[dict]) -> None:
+        frame = pd.DataFrame(rows)
+        goals = evaluate_goals(frame)
+        metadata["goals"] = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                              for k, v in g.items()} for g in goals if g["issue"] != "context"]  # fmt: skip
+        metadata["complete"] = len(set(frame["layer"])) == layer_count
+        state.update(frame=frame, goals=goals, written=reports.write_raw(frame, metadata, args.out, stem=stem))
+
+    measure(args, device, timer, layers, after_layer=save)
+    return state["frame"], metadata, state["goals"], state["written"]
 
 
 def failures(frame):
