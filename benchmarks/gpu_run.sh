@@ -7,25 +7,30 @@
 # 3.6, pytest, pytest-xdist, pytest-timeout, pandas, matplotlib; the package runs from the checkout
 # through PYTHONPATH, so no pip install -- an offline `pip install -e .` would try to fetch setuptools):
 #
-#     run(command="bash benchmarks/gpu_run.sh", timeout_s=560)
+#     run(command="bash benchmarks/gpu_run.sh", timeout_s=570)
 #
-# The steps share a deadline of TOTAL_S seconds (default 480); each step gets at most its own cap and
-# what is left of the deadline, and is skipped when under 15 s remain. Rerun only some steps while
-# the machine is still warm (30 s) with e.g. `run(command="TOTAL_S=200 bash benchmarks/gpu_run.sh
-# tune report", timeout_s=260)`. Steps (default: all, in this order):
+# The steps share a deadline of TOTAL_S seconds (default 500); each step gets at most its own cap and
+# what is left of the deadline, and is skipped when under 15 s remain. With a machine start of 1-2
+# minutes that leaves about 3 minutes of a 15-minute lease: rerun only some steps at once, while the
+# machine is still warm (30 s), e.g. `run(command="TOTAL_S=200 bash benchmarks/gpu_run.sh report",
+# timeout_s=260)`, or give it back. Steps (default: all, in this order; cap in seconds):
 #
-#     info              nvidia-smi, torch/Triton/cuDNN/CUDA versions, device properties
-#     kernel_vs_cudnn   benchmarks/kernel_vs_cudnn.py: float64 slice checks, then adder vs cuDNN on
-#                       ResNet-50's 3x3 layers at batch 64 (issue 3 and 4 goals)
-#     tests             pytest tests/test_kernel_forward.py tests/test_kernel_backward.py
-#                       tests/test_functional.py, compiled for the GPU (xdist, per-test timeout)
-#     sass              python -m triton_adder.kernels.sass for the three kernels on one ResNet layer
-#                       (compile-only: shows whether Triton 3.6 emits the loop Triton 3.9 does)
-#     tune              python -m triton_adder.tune --model resnet50 --budget-s $TUNE_BUDGET_S
-#                       --ops $TUNE_OPS; the cache is saved after every winner, so a timeout keeps
-#                       what was tuned
-#     report            python -m triton_adder.bench --model resnet50 --batch-size 64 (quick unless
-#                       REPORT_QUICK=0), reading the tuned cache: report.html + results.csv/json
+#     info             30  nvidia-smi, torch/Triton/cuDNN/CUDA versions, device properties
+#     kernel_vs_cudnn 170  benchmarks/kernel_vs_cudnn.py: float64 slice checks, then adder vs cuDNN
+#                          on ResNet-50's 3x3 layers at batch 64 (issue 3 and 4 goals); saved per layer
+#     tests           120  pytest tests/test_kernel_forward.py tests/test_kernel_backward.py
+#                          tests/test_functional.py, compiled for the GPU (xdist, per-test timeout)
+#     sass             45  python -m triton_adder.kernels.sass, the three kernels on ResNet-50's first
+#                          3x3 layer (compile-only: does Triton 3.6 emit the loop Triton 3.9 does?)
+#     tune            110  python -m triton_adder.tune --model resnet50 --ops $TUNE_OPS --budget-s
+#                          $TUNE_BUDGET_S --no-report: a token search (default config and about one
+#                          other per problem) whose cache is saved after every winner, so a timeout
+#                          keeps what was tuned. A real search needs its own lease, e.g.
+#                          `TOTAL_S=540 TUNE_OPS=fwd,bwd TUNE_BUDGET_S=10 bash benchmarks/gpu_run.sh tune`
+#     report          170  the model report (report.html + results.csv/json, batch 64, quick unless
+#                          REPORT_QUICK=0) with the tuned configs: through `triton_adder.tune --report`
+#                          (tuning table included, every problem cached) when the tune step finished,
+#                          else `triton_adder.bench` (tuned rows where cached)
 #
 # What comes back in $OUT (at most 8 files, flat) and where to commit it:
 #     gpu_run.log                       everything printed, every step; its summary is printed last
@@ -36,7 +41,7 @@
 #                                         reports/results/resnet50-<device>/ (report.html, results.csv/json)
 # Commit them with the device and versions that gpu_run.log and the JSON metadata name.
 #
-# Environment: OUT (default ./gpu_run_out), TOTAL_S (480), TUNE_BUDGET_S (3), TUNE_OPS (fwd,bwd),
+# Environment: OUT (default ./gpu_run_out), TOTAL_S (500), TUNE_BUDGET_S (3), TUNE_OPS (fwd),
 # TUNE_BATCH (64), REPORT_QUICK (1), PYTHON (python3), PYTEST_WORKERS (8).
 # Exit status: 0 when every step that ran succeeded, else 1 (the summary names the failing steps).
 # Without a GPU (a dry run) the info step says so, kernel_vs_cudnn exits cleanly, and the GPU steps
@@ -48,13 +53,15 @@ set -o pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$REPO/gpu_run_out}
 PYTHON=${PYTHON:-python3}
-TOTAL_S=${TOTAL_S:-480}
+TOTAL_S=${TOTAL_S:-500}
 TUNE_BUDGET_S=${TUNE_BUDGET_S:-3}
-TUNE_OPS=${TUNE_OPS:-fwd,bwd}
+TUNE_OPS=${TUNE_OPS:-fwd}
 TUNE_BATCH=${TUNE_BATCH:-64}
 REPORT_QUICK=${REPORT_QUICK:-1}
 PYTEST_WORKERS=${PYTEST_WORKERS:-8}
 ALL_STEPS="info kernel_vs_cudnn tests sass tune report"
+TUNE_COMPLETE=0  # 1 once the tune step finished: every problem of TUNE_OPS is then cached
+LAST_STATUS=
 STEPS=${*:-$ALL_STEPS}
 
 mkdir -p "$OUT"
@@ -90,6 +97,7 @@ run_step() {
     if ((limit < 15)); then
         SUMMARY+=("$(printf '%-16s %-9s %5s s  (%s s left of TOTAL_S=%s)' "$name" skipped - "$left" "$TOTAL_S")")
         say "=== $name: skipped, only $left s left of the deadline"
+        LAST_STATUS=skipped
         return 0
     fi
     say ""
@@ -108,6 +116,7 @@ run_step() {
         *) status="FAILED($rc)" ;;
     esac
     [[ $status == ok ]] || FAILED=1
+    LAST_STATUS=$status
     SUMMARY+=("$(printf '%-16s %-9s %5s s' "$name" "$status" $(($(date +%s) - begin)))")
     say "=== $name: $status after $(($(date +%s) - begin)) s"
 }
@@ -165,18 +174,32 @@ step_sass() {
     return $rc
 }
 
+tune_arguments() {
+    echo --model resnet50 --batch-size "$TUNE_BATCH" --ops "$TUNE_OPS" --cache-dir "$TRITON_ADDER_CACHE_DIR"
+}
+
 step_tune() {
-    "$PYTHON" -m triton_adder.tune --model resnet50 --batch-size "$TUNE_BATCH" --budget-s "$TUNE_BUDGET_S" \
-        --ops "$TUNE_OPS" --cache-dir "$TRITON_ADDER_CACHE_DIR"
+    local no_report=()
+    # Newer tune writes its report by default: here the report is its own step.
+    "$PYTHON" -m triton_adder.tune --help 2>/dev/null | grep -q -- --no-report && no_report=(--no-report)
+    # shellcheck disable=SC2046
+    "$PYTHON" -m triton_adder.tune $(tune_arguments) --budget-s "$TUNE_BUDGET_S" "${no_report[@]}"
 }
 
 step_report() {
-    # bench writes reports/results/<model>-<device>/ under its working directory: run it in $WORK/report
-    # so that the tarball unpacks to the same path at the repository root.
+    # Both commands write reports/results/<model>-<device>/ under the working directory: run in
+    # $WORK/report so that the tarball unpacks to the same path at the repository root.
     local quick=()
     [[ $REPORT_QUICK == 1 ]] && quick=(--quick)
     mkdir -p "$WORK/report"
-    (cd "$WORK/report" && "$PYTHON" -m triton_adder.bench --model resnet50 --batch-size "$TUNE_BATCH" "${quick[@]}")
+    cd "$WORK/report" || return 1
+    if [[ $TUNE_COMPLETE == 1 ]]; then
+        # Every problem is cached: tune goes straight to the benchmark and adds its tuning table.
+        # shellcheck disable=SC2046
+        "$PYTHON" -m triton_adder.tune $(tune_arguments) --budget-s 1 --report "${quick[@]}"
+    else
+        "$PYTHON" -m triton_adder.bench --model resnet50 --batch-size "$TUNE_BATCH" "${quick[@]}"
+    fi
 }
 
 collect_tuning_cache() {
@@ -197,8 +220,8 @@ collect_report() {
     fi
 }
 
-export -f step_info step_tests step_sass step_tune step_report
-export REPO PYTHON TUNE_BUDGET_S TUNE_OPS TUNE_BATCH REPORT_QUICK PYTEST_WORKERS WORK
+export -f step_info step_tests step_sass step_tune step_report tune_arguments
+export REPO PYTHON TUNE_BUDGET_S TUNE_OPS TUNE_BATCH REPORT_QUICK PYTEST_WORKERS WORK TUNE_COMPLETE
 
 say "gpu_run.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) steps: $STEPS; TOTAL_S=$TOTAL_S; OUT=$OUT; repo $REPO"
 GPU=0
@@ -211,7 +234,7 @@ for step in $STEPS; do
             STEP_CAPTURE=$WORK/kernel_vs_cudnn.txt run_step kernel_vs_cudnn 170 \
                 "$PYTHON" benchmarks/kernel_vs_cudnn.py --out "$OUT"
             ;;
-        sass) run_step sass 60 step_sass ;;  # compile-only: runs without a GPU too
+        sass) run_step sass 45 step_sass ;;  # compile-only: runs without a GPU too
         tests | tune | report)
             if ((!GPU)); then
                 SUMMARY+=("$(printf '%-16s %-9s %5s s  (no CUDA device)' "$step" skipped -)")
@@ -219,8 +242,12 @@ for step in $STEPS; do
                 continue
             fi
             case $step in
-                tests) run_step tests 140 step_tests ;;
-                tune) run_step tune 130 step_tune; collect_tuning_cache ;;
+                tests) run_step tests 120 step_tests ;;
+                tune)
+                    run_step tune 110 step_tune
+                    [[ $LAST_STATUS == ok ]] && export TUNE_COMPLETE=1
+                    collect_tuning_cache
+                    ;;
                 report) run_step report 170 step_report; collect_report ;;
             esac
             ;;
