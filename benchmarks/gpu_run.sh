@@ -41,7 +41,7 @@
 #                                         reports/results/resnet50-<device>/ (report.html, results.csv/json)
 # Commit them with the device and versions that gpu_run.log and the JSON metadata name.
 #
-# Environment: OUT (default ./gpu_run_out), TOTAL_S (500), TUNE_BUDGET_S (3), TUNE_OPS (fwd),
+# Environment: OUT (default /tmp/gpu_run_out), TOTAL_S (500), TUNE_BUDGET_S (3), TUNE_OPS (fwd),
 # TUNE_BATCH (64), REPORT_QUICK (1), PYTHON (python3), PYTEST_WORKERS (8).
 # Exit status: 0 when every step that ran succeeded, else 1 (the summary names the failing steps).
 # Without a GPU (a dry run) the info step says so, kernel_vs_cudnn exits cleanly, and the GPU steps
@@ -51,7 +51,7 @@ set -u
 set -o pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-OUT=${OUT:-$REPO/gpu_run_out}
+OUT=${OUT:-${TMPDIR:-/tmp}/gpu_run_out}
 PYTHON=${PYTHON:-python3}
 TOTAL_S=${TOTAL_S:-500}
 TUNE_BUDGET_S=${TUNE_BUDGET_S:-3}

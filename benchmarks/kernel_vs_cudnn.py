@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_vs_cudnn.py [--model resnet50] [--batch 64] [--kernel-size 3] [--quick]
                                          [--out benchmarks/results] [--max-layers N] [--grad-mode paper]
+                                         [--variants adder_fp32,conv_fp32,...] [--check-images 2]
 
 The layers are the model's unique adder layers with a kh x kw = kernel-size^2 kernel, as
 `triton_adder.bench.census` finds them (default: ResNet-50's seven 3x3 layers at batch 64, input
