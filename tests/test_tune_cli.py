@@ -1,9 +1,11 @@
 """`python -m triton_adder.tune` and the run-time lookup `triton_adder.configs`, through the interpreter.
 
-The end-to-end run tunes LeNet-5-BN's three adder layers (forward, reduced space, batch 1) into a
-temporary cache; the backward tunables are checked on the smallest layer only (the interpreter
-takes seconds per backward launch). Nothing here times anything: interpreter wall clock only
-ranks configs on this machine and is marked functional.
+The end-to-end runs tune LeNet-5-BN's three adder layers (forward, reduced space) into a
+temporary cache: once at the real shapes (--full-size, batch 1) to check the run-time lookup,
+once the default no-GPU way (shrunk problems, then the report, with a tiny real benchmark standing
+in for the model's). The backward tunables are checked on the smallest layer only (the
+interpreter takes seconds per backward launch). Nothing here times anything: interpreter wall
+clock only ranks configs on this machine and is marked functional.
 """
 
 import json
@@ -12,8 +14,9 @@ import math
 import pytest
 import torch
 
+import reports
 from tests.tolerance import assert_matches_reference
-from triton_adder import configs, models, reference, tune
+from triton_adder import Adder2d, bench, configs, models, reference, tune
 from triton_adder.functional import resolve_geometry
 from triton_adder.kernels import forward
 from triton_adder.kernels.config import KernelConfig
@@ -116,7 +119,8 @@ def test_cli_end_to_end_lenet5bn_quick(cache_dir, tmp_path, capsys, monkeypatch)
         return {"html": tmp_path / "report" / "report.html"}
 
     monkeypatch.setattr(tune, "write_report", fake_write_report)
-    argv = ["--model", "lenet5bn", "--quick", "--ops", "fwd", "--batch-size", "1", "--cache-dir", str(cache_dir)]
+    argv = ["--model", "lenet5bn", "--quick", "--ops", "fwd", "--batch-size", "1", "--cache-dir", str(cache_dir),
+            "--full-size"]
     assert tune.main([*argv, "--report", str(tmp_path / "report")]) == 0
     out = capsys.readouterr()
     assert "NOT GPU timings" in out.out and "NOT GPU timings" in out.err
@@ -137,7 +141,7 @@ def test_cli_end_to_end_lenet5bn_quick(cache_dir, tmp_path, capsys, monkeypatch)
         raise AssertionError("a cached problem was tuned again")
 
     monkeypatch.setattr(tune, "search", no_search)
-    assert tune.main(argv) == 0
+    assert tune.main([*argv, "--no-report"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if " forward " in line]
     assert len(table) == 3 and all("cached" in line for line in table)
 
@@ -149,6 +153,108 @@ def test_cli_end_to_end_lenet5bn_quick(cache_dir, tmp_path, capsys, monkeypatch)
     assert config == KernelConfig.from_dict(stored["config"])
     assert configs.lookup("forward", torch.empty(3, *x_shape[1:]), torch.empty(w_shape), geom) == config
     assert configs.lookup("grad_input", torch.empty(x_shape), torch.empty(w_shape), geom) is None
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "weight_shape", "stride", "padding", "dilation", "groups"),
+    [
+        ((1, 64, 56, 56), (64, 64, 3, 3), 2, 1, 1, 1),  # ResNet-50's stride-2 3x3
+        ((1, 12, 33, 30), (18, 4, 2, 2), 1, "same", 1, 3),  # implied asymmetric padding, groups
+        ((1, 10, 20, 9), (6, 10, 3, 3), (2, 1), (0, 2), (5, 2), 1),  # dilated span 11 > the cap of 8
+    ],
+)
+def test_interpreter_problem_keeps_the_layer_type(x_shape, weight_shape, stride, padding, dilation, groups):
+    geom = resolve_geometry(x_shape[2:], weight_shape[2:], stride, padding, dilation, groups)
+    real = tune.LayerProblem(["layer"], x_shape, weight_shape, geom)
+    small = tune.interpreter_problem(real, divisor=2, spatial_cap=8)
+    assert small.x_shape[0] == 1 and small.reduced_from is real
+    assert small.x_shape[1] == groups * math.ceil(x_shape[1] // groups / 2)
+    assert small.weight_shape == (groups * math.ceil(weight_shape[0] // groups / 2), small.x_shape[1] // groups,
+                                  *weight_shape[2:])
+    assert (small.geom.stride, small.geom.padding, small.geom.dilation, small.geom.groups) == (
+        geom.stride, geom.padding, geom.dilation, geom.groups)
+    assert all(1 <= size <= max(8, real_size) for size, real_size in zip(small.x_shape[2:], x_shape[2:]))
+    # The shrunk geometry is the one conv2d's rule (the same padding rule as the real layer) gives.
+    assert small.geom == resolve_geometry(small.x_shape[2:], weight_shape[2:], stride, padding, dilation, groups)
+    # ... and the kernel computes it (forward against the float64 reference).
+    tunable = tune.make_tunable("forward", small, torch.float32, torch.device("cpu"), False, quick=True)
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(small.x_shape, generator=generator), torch.randn(small.weight_shape, generator=generator)
+    expected = reference.adder2d_forward(x.double(), w.double(), None, small.geom)
+    assert_matches_reference(tunable.run(tunable.default), expected, torch.float32,
+                             small.weight_shape[1] * weight_shape[2] * weight_shape[3])
+    # Its cache key is the shrunk problem plus where it came from: it can never answer a real lookup.
+    key = small.cache_problem()
+    assert key["height"] == small.x_shape[2] and key["reduced_from"]["height"] == x_shape[2]
+    assert "batch" not in key["reduced_from"] and "reduced_from" not in real.cache_problem()
+
+
+def test_channel_divisor_is_one_power_of_two_for_the_model():
+    problems = tune.collect_problems(models.build("resnet50"), (2, 3, 224, 224))
+    assert tune.channel_divisor(problems, channel_cap=64) == 32  # 2048 -> 64
+    assert tune.channel_divisor(problems, channel_cap=2048) == 1
+    lenet = tune.collect_problems(models.build("lenet5bn"), (1, 1, 28, 28))
+    assert tune.channel_divisor(lenet, channel_cap=64) == 2  # 120 -> 60
+    with pytest.raises(ValueError, match="channel_cap must be >= 1"):
+        tune.channel_divisor(lenet, channel_cap=0)
+
+
+def one_layer(layer):
+    return torch.nn.Sequential(layer(3, 4, 3, padding=1))
+
+
+def test_cli_default_run_shrinks_problems_and_writes_the_report(cache_dir, tmp_path, capsys, monkeypatch):
+    """No flags: functional run on shrunk problems, then the report under reports/results/<model>-cpu/."""
+    measured = {}
+    real_measure = bench.measure
+
+    def tiny_measure(model, batch_size=None, **kwargs):
+        # The model's CPU benchmark takes minutes: measure a one-layer pair the same way instead.
+        measured.update(model=model, batch=batch_size, **kwargs)
+        monkeypatch.setenv("TRITON_ADDER_CPU_COMPILE", "0")
+        pair = ("lenet5bn", one_layer(Adder2d), one_layer(torch.nn.Conv2d), (2, 3, 6, 6))
+        return real_measure(pair, **{**kwargs, "whole_model": False, "baselines": False})
+
+    monkeypatch.setattr(bench, "measure", tiny_measure)
+    monkeypatch.chdir(tmp_path)
+    assert tune.main(["--model", "lenet5bn", "--ops", "fwd", "--cache-dir", str(cache_dir)]) == 0
+    out = capsys.readouterr()
+    assert "NOT GPU timings" in out.out and "shrunk" in out.out and "NOT GPU timings" in out.err
+    table = [line for line in out.out.splitlines() if " forward " in line]
+    assert [line.split()[0] for line in table] == ["conv2", "conv3", "conv4"]
+    assert all("tuned" in line for line in table)
+    assert "1x3x8x8->8 5x5 s1 p0" in table[0] and "2x6x14x14->16 5x5 s1 p0" in table[0]  # run vs model shape
+    # The report's benchmark: the CPU path at the model's real shapes, batch 2 (not the interpreter).
+    assert measured["model"] == "lenet5bn" and measured["batch"] == 2
+    assert measured["backend"] == "cpu" and measured["device"].type == "cpu"
+
+    out_dir = tmp_path / "reports" / "results" / "lenet5bn-cpu"
+    html = (out_dir / "report.html").read_text()
+    assert "FUNCTIONAL RUN, NOT GPU TIMINGS" in html and "not GPU timings" in html
+    assert html.count("2x6x14x14-&gt;16 5x5 s1 p0") >= 1 and "1x3x8x8-&gt;8 5x5 s1 p0" in html
+    tuning, metadata = reports.read_raw(out_dir / "tuning.json")
+    assert list(tuning["layer"]) == ["conv2", "conv3", "conv4"] and "shrunk" in metadata["tuning note"]
+    assert (out_dir / "results.json").is_file() and (out_dir / "tuning.csv").is_file()
+
+    entries = json.loads(next(cache_dir.glob("*.json")).read_text())["entries"]
+    assert len(entries) == 3 and all(e["functional"] and "reduced_from" in e["problem"] for e in entries)
+    # Shrunk entries never answer a lookup of the model's real layer.
+    _, x_shape, w_shape = LENET_PROBLEMS[0]
+    configs.clear()
+    assert configs.lookup("forward", torch.empty(x_shape), torch.empty(w_shape),
+                          resolve_geometry(x_shape[2:], w_shape[2:])) is None
+
+
+def test_cli_report_flags(cache_dir, monkeypatch, capsys):
+    def unreachable(*args, **kwargs):
+        raise AssertionError("--no-report still benchmarked")
+
+    monkeypatch.setattr(tune, "write_report", unreachable)
+    argv = ["--model", "lenet5bn", "--ops", "fwd", "--cache-dir", str(cache_dir)]
+    assert tune.main([*argv, "--no-report"]) == 0
+    with pytest.raises(SystemExit):
+        tune.main([*argv, "--no-report", "--report", "x.html"])
+    assert "exclude each other" in capsys.readouterr().err
 
 
 def test_lookup_is_memoised_and_never_fails(cache_dir, monkeypatch):

@@ -103,12 +103,43 @@ def _summary(report: reports.Report, frame: pd.DataFrame, metadata: dict) -> Non
     report.add_summary(cards)
 
 
-def build_report(frame: pd.DataFrame, metadata: dict | None = None, title: str | None = None) -> reports.Report:
-    """The report page for `bench.measure` rows (metadata defaults to frame.attrs["metadata"])."""
+TUNING_COLUMNS = ["layer", "op", "shape", "model_shape", "config", "time_ms", "default_ms", "speedup", "status",
+                  "runs", "failed_configs"]
+
+
+def _tuning_section(report: reports.Report, tuning: pd.DataFrame, metadata: dict, on_gpu: bool) -> None:
+    """The tuner's table (`triton_adder.tune.rows_frame`): best launch config per layer problem and op."""
+    if on_gpu:
+        intro = ("Best launch config per unique adder-layer problem and op, timed with CUDA events by "
+                 "python -m triton_adder.tune (speedup = default-config time / best time).")
+    else:
+        intro = (f"FUNCTIONAL RUN, NOT GPU TIMINGS: {metadata.get('tuning note', 'Triton-interpreter wall clock')}. "
+                 "'shape' is the problem that ran, 'model_shape' the model's own layer. The search, the kernels and "
+                 "the winner-vs-default output check ran for every layer type; the times only say the pipeline "
+                 "works.")
+    report.add_section("Tuning", intro)
+    columns = [c for c in TUNING_COLUMNS if c in tuning.columns]
+    report.add_table(tuning, columns, caption="tuned launch configs (MxNxK tile, warps, stages)", table_id="tuning")
+
+
+def build_report(frame: pd.DataFrame, metadata: dict | None = None, title: str | None = None,
+                 tuning: pd.DataFrame | None = None) -> reports.Report:
+    """The report page for `bench.measure` rows (metadata defaults to frame.attrs["metadata"]).
+
+    tuning: the tuner's table (`triton_adder.tune.rows_frame`), shown in its own section when given.
+    """
     metadata = dict(frame.attrs.get("metadata", {}) if metadata is None else metadata)
     on_gpu = metadata.get("device_kind") == "cuda"
-    notice = None if on_gpu else (f"{CPU_NOTE}. These numbers come from the CPU path or the Triton interpreter on "
-                                  f"{metadata.get('device', 'a CPU')}; they show the pipeline works, not GPU speed.")
+    notice = None
+    if not on_gpu:
+        backend = metadata.get("adder backend")
+        source = {"cpu": "the CPU path (compiled with torch inductor)", "triton": "the Triton interpreter"}.get(
+            backend, "the CPU path or the Triton interpreter")
+        notice = (f"{CPU_NOTE}. The benchmark numbers come from {source} on {metadata.get('device', 'a CPU')}, "
+                  f"input {metadata.get('input shape', '?')}; they show the pipeline works and how the CPU path "
+                  "compares with CPU convolutions, not GPU speed.")
+        if tuning is not None:
+            notice += " The tuning table is a functional interpreter run on shrunk problems (see Tuning)."
     model = metadata.get("model") or ", ".join(map(str, dict.fromkeys(frame["model"].dropna())))
     title = title or f"AdderNet benchmark: {model} on {metadata.get('device', 'unknown device')}"
     report = reports.Report(title, metadata, notice=notice)
@@ -121,6 +152,9 @@ def build_report(frame: pd.DataFrame, metadata: dict | None = None, title: str |
     report.add_text("Speedup = baseline time / adder time for the same layer (>1: the adder is faster); "
                     "the adder row per layer is the tuned config where one is cached, else the default config "
                     "(or the CPU path). Geometric means are unweighted over unique layers.")
+
+    if tuning is not None:
+        _tuning_section(report, tuning, metadata, on_gpu)
 
     report.add_section("Per-layer latency", "Median time per call with p20-p80 whiskers, log scale. One group per "
                        "unique adder layer (input CxHxW -> output channels, kernel, stride, padding).")
@@ -202,27 +236,38 @@ def _slug(text: str) -> str:
 
 
 def default_output_dir(metadata: dict) -> Path:
-    """reports/results/<model>-<device>/ under the current directory (the repository root, when run from there)."""
-    name = f"{_slug(metadata.get('model', 'model'))}-{_slug(metadata.get('device', 'device'))}"
-    return Path("reports") / "results" / name
+    """reports/results/<model>-<device>/ under the current directory (the repository root, when run from there).
+
+    <device> is the GPU's name on CUDA and "cpu" otherwise (the CPU model is in the page's metadata).
+    """
+    device = metadata.get("device", "device") if metadata.get("device_kind", "cuda") == "cuda" else "cpu"
+    return Path("reports") / "results" / f"{_slug(metadata.get('model', 'model'))}-{_slug(device)}"
 
 
 def write_report(frame: pd.DataFrame, metadata: dict | None = None, out_dir: str | Path | None = None,
-                 html_name: str = "report.html") -> dict[str, Path]:
-    """Write report.html, results.csv and results.json under out_dir; return {"html", "csv", "json"}."""
+                 html_name: str = "report.html", tuning: pd.DataFrame | None = None) -> dict[str, Path]:
+    """Write report.html, results.csv and results.json under out_dir; return {"html", "csv", "json"}.
+
+    tuning: the tuner's table, shown in the page (the caller saves it as tuning.csv/json beside).
+    """
     metadata = dict(frame.attrs.get("metadata", {}) if metadata is None else metadata)
     out_dir = Path(out_dir) if out_dir is not None else default_output_dir(metadata)
     csv_path, json_path = reports.write_raw(frame, metadata, out_dir)
-    html_path = build_report(frame, metadata).write(out_dir / html_name)
+    html_path = build_report(frame, metadata, tuning=tuning).write(out_dir / html_name)
     return {"html": html_path, "csv": csv_path, "json": json_path}
 
 
 def rerender(results_json: str | Path, output: str | Path | None = None) -> Path:
-    """Render a saved results.json (from `write_report`) to HTML; default: report.html beside it."""
+    """Render a saved results.json (from `write_report`) to HTML; default: report.html beside it.
+
+    A tuning.json beside it (written by `python -m triton_adder.tune`) becomes the Tuning section.
+    """
     frame, metadata = reports.read_raw(results_json)
     frame = derive(frame, metadata)
+    tuning_json = Path(results_json).with_name("tuning.json")
+    tuning = reports.read_raw(tuning_json)[0] if tuning_json.is_file() else None
     output = Path(output) if output is not None else Path(results_json).with_name("report.html")
-    return build_report(frame, metadata).write(output)
+    return build_report(frame, metadata, tuning=tuning).write(output)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,9 +6,18 @@ gradient, weight-gradient kernel) that the cache does not hold yet -- so an inte
 resumes where it stopped -- stores each winner as soon as it is found, and prints a table
 (layer, shape, best config, time, speedup over the launcher's default config).
 
-On a machine without a GPU it runs end to end through the Triton interpreter on the CPU, with a
-small batch and a reduced space; its timings are interpreter wall clock, not GPU timings, are
-marked functional in the cache, and are never used on a GPU.
+On a machine without a GPU it runs end to end through the Triton interpreter on the CPU as a
+*functional* run: every layer problem is shrunk (`interpreter_problem`: batch 1, spatial size
+capped, channels divided by one power of two for the whole model) but keeps its kernel, stride,
+padding, dilation and groups, so every layer type still goes through the real kernels, the search
+and the winner-vs-default output check; the space is the reduced one (the default and one other
+BLOCK_M). Those timings are interpreter wall clock of the reduced problem, NOT GPU timings: the
+cache entries are keyed by the reduced problem plus a "reduced_from" field (so they never match a
+real problem), are marked functional, and are never used on a GPU. The report's benchmark then
+times the CPU path at the model's real shapes (`write_report`).
+
+Afterwards it benchmarks the model (`triton_adder.bench.measure`) and writes the HTML report
+(default reports/results/<model>-<device>/; `--report PATH` elsewhere, `--no-report` skips it).
 
 The search itself is the generic `tuning` package; this module only describes the adder kernels
 to it (search spaces, constraints, runners, output check).
@@ -41,7 +50,16 @@ from tuning import (
 )
 
 DEFAULT_GPU_BATCH = {"lenet5bn": 256, "resnet20": 128, "resnet32": 128, "resnet18": 64, "resnet50": 64}
-INTERPRETER_BATCH = 2  # one interpreter launch of a tiny layer takes ~0.3-2 s
+# Without a GPU: the batch of the report's CPU-path benchmark at the real shapes (2: training-mode
+# BatchNorm needs more than one value per channel), and of --full-size interpreter tuning.
+CPU_BATCH = 2
+# The interpreter runs one Triton program after another in Python at ~0.5-2.5 ms per rank-1 tile
+# update, so a launch costs about (programs x reduction steps); measured on a 2-core machine at the
+# real channel counts and 8x8 inputs, ResNet-50's forward launches alone took 92 s (one each) and a
+# 64-channel 3x3 weight gradient at 8x8 took 23 s. Functional runs therefore shrink each problem:
+INTERPRETER_SPATIAL_CAP = 8  # input height/width at most this (larger only where the kernel needs it)
+INTERPRETER_CHANNEL_CAP = 64  # widest per-group channel count after dividing all layers by one power of two
+CPU_REPORT_REPEATS = 2  # timed repeats (after one warm-up) of the report's CPU benchmark
 OP_GROUPS = {"fwd": ("forward",), "bwd": ("grad_input", "grad_weight")}
 ALL_OPS = ("forward", "grad_input", "grad_weight")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -97,6 +115,7 @@ class LayerProblem:
     weight_shape: tuple[int, int, int, int]
     geom: object  # triton_adder.geometry.Conv2dGeometry
     has_bias: bool = False
+    reduced_from: LayerProblem | None = None  # the model's real problem, for a functional (shrunk) run
 
     @property
     def shape_text(self) -> str:
@@ -104,7 +123,26 @@ class LayerProblem:
         cout, _, kh, kw = self.weight_shape
         (sh, _), (ph, _) = self.geom.stride, self.geom.padding
         text = f"{n}x{cin}x{h}x{w}->{cout} {kh}x{kw} s{sh} p{ph}"
+        if self.geom.dilation != (1, 1):
+            text += f" d{self.geom.dilation[0]}"
         return text + (f" g{self.geom.groups}" if self.geom.groups != 1 else "")
+
+    @property
+    def model_shape_text(self) -> str:
+        """The shape of the model's own layer (differs from shape_text for a reduced problem)."""
+        return (self.reduced_from or self).shape_text
+
+    def cache_problem(self) -> dict:
+        """The cache's problem key: the problem run, plus "reduced_from" (the real problem) when shrunk."""
+        from triton_adder import configs
+
+        key = configs.problem_key(self.x_shape, self.weight_shape, self.geom)
+        if self.reduced_from is not None:
+            real = self.reduced_from
+            # Without its batch: the shrunk problem (batch 1) is the same for any model batch size.
+            key["reduced_from"] = {k: v for k, v in configs.problem_key(real.x_shape, real.weight_shape,
+                                                                          real.geom).items() if k != "batch"}
+        return key
 
 
 @dataclass
@@ -113,8 +151,9 @@ class Row:
 
     layer: str
     op: str
-    shape: str
+    shape: str  # the problem that ran (N x Cin x H x W -> Cout kernel stride padding)
     status: str  # "tuned", "cached", "failed"
+    model_shape: str = ""  # the model's own layer, where the run was shrunk (functional run)
     config: dict | None = None
     time_s: float | None = None
     default_time_s: float | None = None
@@ -164,10 +203,71 @@ def collect_problems(model: torch.nn.Module, input_shape: Sequence[int]) -> list
     return list(found.values())
 
 
-def reduced_space(default: dict) -> dict:
-    """The quick/interpreter space: the default config plus one other BLOCK_M (1-2 runs per op)."""
+def channel_divisor(problems: Sequence[LayerProblem], channel_cap: int | None = None) -> int:
+    """The smallest power of two that brings every per-group channel count of `problems` to <= channel_cap.
+
+    One divisor for the whole model keeps the layers' relative widths (and so their distinct
+    problems) after shrinking.
+    """
+    channel_cap = INTERPRETER_CHANNEL_CAP if channel_cap is None else channel_cap
+    if channel_cap < 1:
+        raise ValueError(f"channel_cap must be >= 1, got {channel_cap}")
+    widest = max((max(p.x_shape[1], p.weight_shape[0]) // p.geom.groups for p in problems), default=1)
+    divisor = 1
+    while math.ceil(widest / divisor) > channel_cap:
+        divisor *= 2
+    return divisor
+
+
+def _reduced_axis(size: int, kernel: int, stride: int, before: int, dilation: int, out: int,
+                  cap: int) -> tuple[int, int]:
+    """(input size, output size) of one axis shrunk to about `cap`, with the same padding rule.
+
+    The bottom/right padding is implied by `out` (Conv2dGeometry): keep it when it is the
+    symmetric padding conv2d would use, else keep the implied amount (e.g. padding="same").
+    """
+    span = dilation * (kernel - 1) + 1
+    if (size + 2 * before - span) // stride + 1 == out:
+        after = before
+    else:
+        after = max(0, (out - 1) * stride + span - size - before)
+    reduced = min(size, max(cap, span - before - after))  # at least one output position
+    return reduced, (reduced + before + after - span) // stride + 1
+
+
+def interpreter_problem(problem: LayerProblem, divisor: int, spatial_cap: int | None = None) -> LayerProblem:
+    """The functional-run version of `problem`: batch 1, H and W capped, channels per group / divisor (ceil).
+
+    Kernel size, stride, padding, dilation and groups are kept, so the same kernel code paths
+    (taps, stride phases, padding masks, channel tails) run; `reduced_from` records the real problem.
+    """
+    from triton_adder.geometry import Conv2dGeometry
+
+    spatial_cap = INTERPRETER_SPATIAL_CAP if spatial_cap is None else spatial_cap
+    _, cin, h, w = problem.x_shape
+    cout, _, kh, kw = problem.weight_shape
+    geom = problem.geom
+    groups = geom.groups
+    axes = [
+        _reduced_axis(size, k, s, p, d, o, spatial_cap)
+        for size, k, s, p, d, o in zip((h, w), (kh, kw), geom.stride, geom.padding, geom.dilation, geom.out_size)
+    ]
+    cg = math.ceil(cin // groups / divisor)
+    tg = math.ceil(cout // groups / divisor)
+    reduced_geom = Conv2dGeometry(geom.stride, geom.padding, geom.dilation, groups, (axes[0][1], axes[1][1]))
+    return LayerProblem(list(problem.layers), (1, groups * cg, axes[0][0], axes[1][0]), (groups * tg, cg, kh, kw),
+                        reduced_geom, problem.has_bias, reduced_from=problem)
+
+
+def reduced_space(default: dict, halve_from: int = 32) -> dict:
+    """The quick/interpreter space: the default config plus one other BLOCK_M (1-2 runs per op).
+
+    The other BLOCK_M is half the default's when the default is >= halve_from, else twice it.
+    Functional runs pass 16: their shrunk problems are often a single 16-row tile, where twice
+    the tile would be pruned (larger than the problem) and the winner-vs-default check not run.
+    """
     block_m = default["block_m"]
-    other = block_m // 2 if block_m >= 32 else block_m * 2
+    other = block_m // 2 if block_m >= halve_from else block_m * 2
     return {**{k: (v,) for k, v in default.items()}, "block_m": (block_m, other)}
 
 
@@ -202,7 +302,6 @@ def make_tunable(
     grad_mode: str = "paper",
 ) -> Tunable:
     """Describe one (op, layer problem) to the tuner: operands, runner, default, space, constraints."""
-    from triton_adder import configs
     from triton_adder.kernels import backward, forward
     from triton_adder.kernels.config import KernelConfig
 
@@ -263,7 +362,7 @@ def make_tunable(
         raise ValueError(f"op must be one of {ALL_OPS}, got {op!r}")
 
     default = default.as_dict()
-    values = reduced_space(default) if quick else FULL_SPACES[op]
+    values = reduced_space(default, 16 if problem.reduced_from is not None else 32) if quick else FULL_SPACES[op]
     constraints = [_tile(knob, extents[knob], values[knob]) for knob in ("block_m", "block_n", "block_k")]
     # Upper bound of what software pipelining may stage in shared memory: num_stages copies of the
     # BLOCK_K slices of both operands.
@@ -279,7 +378,7 @@ def make_tunable(
     return Tunable(
         name=op,
         space=SearchSpace.from_dict(values),
-        problem=configs.problem_key(problem.x_shape, problem.weight_shape, geom),
+        problem=problem.cache_problem(),
         run=run,
         default=default,
         constraints=constraints,
@@ -307,14 +406,27 @@ def format_time(seconds: float | None) -> str:
     return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def functional_note(rows: Sequence[Row]) -> str:
+    """What the times of a no-GPU run are (printed under the table and shown in the report)."""
+    note = "times are Triton-interpreter wall clock on the CPU: functional runs, NOT GPU timings"
+    if any(row.model_shape for row in rows):
+        note += (f"; each problem ran shrunk (batch 1, height/width capped at about {INTERPRETER_SPATIAL_CAP}, "
+                 "channels divided by one power of two for the whole model, same kernel/stride/padding/dilation/"
+                 "groups), so they rank configs of the reduced problem only and are never used on a GPU")
+    return note
+
+
 def print_table(rows: list[Row], functional: bool, out=None) -> None:
     out = sys.stdout if out is None else out
-    headers = ["layer", "op", "shape", "best config (MxNxK warps stages)", "time", "default", "speedup", "status"]
+    reduced = any(row.model_shape for row in rows)
+    headers = ["layer", "op", "shape run" if reduced else "shape"] + (["model shape"] if reduced else []) + [
+        "best config (MxNxK warps stages)", "time", "default", "speedup", "status"]
     lines = [
         [
             row.layer,
             row.op,
             row.shape,
+            *([row.model_shape] if reduced else []),
             format_config(row.config),
             format_time(row.time_s),
             format_time(row.default_time_s),
@@ -329,7 +441,7 @@ def print_table(rows: list[Row], functional: bool, out=None) -> None:
     for line in lines:
         print("  ".join(v.ljust(w) for v, w in zip(line, widths)), file=out)
     if functional:
-        print("NOTE: times are Triton-interpreter wall clock on the CPU: functional runs, NOT GPU timings.", file=out)
+        print(f"NOTE: {functional_note(rows)}.", file=out)
 
 
 class Progress:
@@ -383,14 +495,22 @@ def tune_model(
     force: bool = False,
     grad_mode: str = "paper",
     progress: Progress | None = None,
+    shrink: bool = False,
 ) -> list[Row]:
-    """Tune every (unique layer problem, op) of `model_name` not yet in `cache`; return the table rows."""
+    """Tune every (unique layer problem, op) of `model_name` not yet in `cache`; return the table rows.
+
+    shrink: tune `interpreter_problem`s (batch 1, small spatial size, fewer channels) instead of
+    the real problems at `batch_size`: the functional run of a machine without a GPU.
+    """
     from triton_adder import configs, models
     from triton_adder.bench import MODEL_INPUT_SIZE
 
     size = MODEL_INPUT_SIZE[model_name]
     input_shape = (batch_size, models.MODELS[model_name][2], size, size)
     problems = collect_problems(models.build(model_name, adder=True), input_shape)
+    if shrink:
+        divisor = channel_divisor(problems)
+        problems = [interpreter_problem(problem, divisor) for problem in problems]
     jobs = [(problem, op) for problem in problems for op in ops]
     progress = progress or Progress(len(jobs))
     benchmarker = benchmarker_for(device, quick=quick)
@@ -400,8 +520,9 @@ def tune_model(
     for done, (problem, op) in enumerate(jobs):
         layer = problem.layers[0] + (f" (+{len(problem.layers) - 1})" if len(problem.layers) > 1 else "")
         progress.update(done, f"{layer} {op}")
-        key = configs.problem_key(problem.x_shape, problem.weight_shape, problem.geom)
-        row = Row(layer, op, problem.shape_text, "tuned")
+        key = problem.cache_problem()
+        row = Row(layer, op, problem.shape_text, "tuned",
+                  model_shape=problem.model_shape_text if problem.reduced_from is not None else "")
         hit = cache.lookup(
             op, configs.kernel_hash(op), dtype_name, layout, key,
             allow_functional=device.type != "cuda", allow_nearest=False,
@@ -448,6 +569,7 @@ def rows_frame(rows: list[Row]):
                 "layer": r.layer,
                 "op": r.op,
                 "shape": r.shape,
+                "model_shape": r.model_shape or r.shape,
                 "config": format_config(r.config),
                 "time_ms": None if r.time_s is None else r.time_s * 1e3,
                 "default_ms": None if r.default_time_s is None else r.default_time_s * 1e3,
@@ -463,45 +585,63 @@ def rows_frame(rows: list[Row]):
 
 def write_report(target: Path | None, rows: list[Row], model_name: str, batch_size: int, dtype_name: str,
                  device: torch.device, quick: bool, command_line: str) -> dict[str, Path]:
-    """Benchmark the model with the tuned configs (`triton_adder.bench.measure`) and write the report.
+    """Benchmark the model (`triton_adder.bench.measure`) and write the report with the tuning table.
 
+    On a GPU: the Triton kernels (tuned and default configs) and every baseline at `batch_size`.
+    Without one: the CPU path (what a CPU user runs; the interpreter would take hours at these
+    shapes) at the model's real shapes and `batch_size`, few repeats (`CPU_REPORT_REPEATS`).
     target: an .html file, a directory (report.html inside), or None for `report.default_output_dir`.
-    The tuning table goes beside it as tuning.csv / tuning.json. Returns the written paths.
+    The tuning table goes into the page and beside it as tuning.csv / tuning.json. Returns the written paths.
     """
     import reports
     from triton_adder import bench, report
 
-    frame = bench.measure(model_name, batch_size, device=device, quick=quick, adder_dtypes=(dtype_name,),
-                          command_line=command_line)
+    if device.type == "cuda":
+        frame = bench.measure(model_name, batch_size, device=device, quick=quick, adder_dtypes=(dtype_name,),
+                              command_line=command_line)
+    else:
+        frame = bench.measure(model_name, batch_size, device=device, backend="cpu", quick=True,
+                              repeats=CPU_REPORT_REPEATS, adder_dtypes=(dtype_name,), command_line=command_line)
     metadata = dict(frame.attrs.get("metadata", {}))
+    tuning = rows_frame(rows)
+    if device.type != "cuda":
+        metadata["tuning note"] = functional_note(rows)
     if target is None:
         out_dir, html_name = report.default_output_dir(metadata), "report.html"
     elif target.suffix.lower() in (".html", ".htm"):
         out_dir, html_name = target.parent, target.name
     else:
         out_dir, html_name = target, "report.html"
-    written = report.write_report(frame, metadata, out_dir=out_dir, html_name=html_name)
-    csv_path, json_path = reports.write_raw(rows_frame(rows), metadata, out_dir, stem="tuning")
+    written = report.write_report(frame, metadata, out_dir=out_dir, html_name=html_name, tuning=tuning)
+    csv_path, json_path = reports.write_raw(tuning, metadata, out_dir, stem="tuning")
     return {**written, "tuning_csv": csv_path, "tuning_json": json_path}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m triton_adder.tune",
-        description="Tune the adder kernels' launch configs for every adder layer of a model, then report.",
+        description="Tune the adder kernels' launch configs for every adder layer of a model, then benchmark the "
+                    "model and write the HTML report. Without a GPU: a functional run through the Triton "
+                    "interpreter on shrunk problems, then a CPU-path benchmark (not GPU timings).",
     )
     parser.add_argument("--model", required=True, choices=sorted(DEFAULT_GPU_BATCH))
     parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"default: per model on a GPU {DEFAULT_GPU_BATCH}, {INTERPRETER_BATCH} without one")
+                        help=f"GPU: tuning and benchmark batch (default per model {DEFAULT_GPU_BATCH}). Without a "
+                             f"GPU: the report's CPU benchmark batch and the --full-size tuning batch (default "
+                             f"{CPU_BATCH}); the functional tuning run always uses batch 1")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--ops", default="fwd,bwd", help="comma list of fwd, bwd, forward, grad_input, grad_weight")
     parser.add_argument("--budget-s", type=float, default=60.0, help="search time per layer problem and op (s)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="tuning cache directory (default $TRITON_ADDER_CACHE_DIR or ~/.cache/triton-adder)")
-    parser.add_argument("--report", nargs="?", const="", default=None, metavar="PATH",
-                        help="after tuning, benchmark the model and write the HTML report to PATH (.html file or "
-                             "directory; bare --report: reports/<model>-<device>/)")
+    parser.add_argument("--report", type=Path, nargs="?", const=None, default=None, metavar="PATH",
+                        help="where to write the HTML report: an .html file or a directory (default: "
+                             "reports/results/<model>-<device>/ under the current directory)")
+    parser.add_argument("--no-report", action="store_true", help="tune only: no benchmark, no report")
     parser.add_argument("--quick", action="store_true", help="reduced space (1-2 configs per op), fewer repeats")
+    parser.add_argument("--full-size", action="store_true",
+                        help="without a GPU, tune the model's real problems at --batch-size through the interpreter "
+                             "instead of shrunk ones (hours for resnet50)")
     parser.add_argument("--channels-last", action="store_true", help="tune for channels_last activations")
     parser.add_argument("--grad-mode", choices=("paper", "exact"), default="paper")
     parser.add_argument("--force", action="store_true", help="re-tune problems that are already cached")
@@ -514,13 +654,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.budget_s <= 0:
         parser.error(f"--budget-s must be > 0, got {args.budget_s}")
+    if args.no_report and args.report is not None:
+        parser.error("--report PATH and --no-report exclude each other")
 
     on_gpu = torch.cuda.is_available()
+    shrink = not on_gpu and not args.full_size
     if not on_gpu:
         _ensure_interpreter()
         print(
-            "No CUDA device: tuning through the Triton interpreter on the CPU with a small batch and a reduced "
-            "space. These are functional runs; their timings are NOT GPU timings.",
+            "No CUDA device: functional tuning run through the Triton interpreter on the CPU ("
+            + ("each layer problem shrunk to batch 1, a small spatial size and fewer channels" if shrink
+               else "real problems") + ", reduced space). Its timings are NOT GPU timings.",
             file=sys.stderr,
         )
     from triton_adder import configs
@@ -530,21 +674,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[configs.CACHE_DIR_ENV] = str(args.cache_dir)
         configs.clear()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    batch = args.batch_size or (DEFAULT_GPU_BATCH[args.model] if on_gpu else INTERPRETER_BATCH)
+    batch = args.batch_size or (DEFAULT_GPU_BATCH[args.model] if on_gpu else CPU_BATCH)
     quick = args.quick or not on_gpu
     dtype = DTYPES[args.dtype]
     identity = configs.identity(device)
     cache = configs.cache_for(device)
-    print(f"model {args.model}, batch {batch}, {args.dtype}, ops {','.join(ops)}, device {identity.name} "
-          f"({identity.capability}, Triton {identity.triton_version}), cache {cache.path}", file=sys.stderr)
+    print(f"model {args.model}, {'batch 1 (shrunk problems)' if shrink else f'batch {batch}'}, {args.dtype}, "
+          f"ops {','.join(ops)}, device {identity.name} ({identity.capability}, Triton {identity.triton_version}), "
+          f"cache {cache.path}", file=sys.stderr)
+    started = time.perf_counter()
     rows = tune_model(args.model, batch, dtype, ops, args.budget_s, cache, device, quick,
-                      channels_last=args.channels_last, force=args.force, grad_mode=args.grad_mode)
+                      channels_last=args.channels_last, force=args.force, grad_mode=args.grad_mode, shrink=shrink)
     print_table(rows, functional=not on_gpu)
-    if args.report is not None:
-        print("benchmarking the model for the report ...", file=sys.stderr)
+    print(f"tuning took {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if not args.no_report:
+        print(f"benchmarking the model for the report ({'GPU' if on_gpu else 'CPU path, real shapes'}, "
+              f"batch {batch}) ...", file=sys.stderr)
+        started = time.perf_counter()
         command_line = "python -m triton_adder.tune " + " ".join(argv if argv is not None else sys.argv[1:])
-        written = write_report(Path(args.report) if args.report else None, rows, args.model, batch, args.dtype,
-                               device, quick, command_line)
+        written = write_report(args.report, rows, args.model, batch, args.dtype, device, quick, command_line)
+        print(f"benchmark and report took {time.perf_counter() - started:.0f} s", file=sys.stderr)
         print(f"report: {written['html']}", file=sys.stderr)
     return 1 if any(row.status == "failed" for row in rows) else 0
 
