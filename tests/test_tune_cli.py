@@ -16,7 +16,7 @@ import torch
 
 import reports
 from tests.tolerance import assert_matches_reference
-from triton_adder import Adder2d, bench, configs, models, reference, tune
+from triton_adder import Adder2d, bench, configs, models, reference, report, tune
 from triton_adder.functional import resolve_geometry
 from triton_adder.kernels import forward
 from triton_adder.kernels.config import KernelConfig
@@ -235,6 +235,9 @@ def test_cli_default_run_shrinks_problems_and_writes_the_report(cache_dir, tmp_p
     tuning, metadata = reports.read_raw(out_dir / "tuning.json")
     assert list(tuning["layer"]) == ["conv2", "conv3", "conv4"] and "shrunk" in metadata["tuning note"]
     assert (out_dir / "results.json").is_file() and (out_dir / "tuning.csv").is_file()
+    # Re-rendering the saved run keeps the tuning section (tuning.json beside results.json).
+    assert report.main([str(out_dir / "results.json"), "-o", str(tmp_path / "again.html")]) == 0
+    assert "FUNCTIONAL RUN, NOT GPU TIMINGS" in (tmp_path / "again.html").read_text()
 
     entries = json.loads(next(cache_dir.glob("*.json")).read_text())["entries"]
     assert len(entries) == 3 and all(e["functional"] and "reduced_from" in e["problem"] for e in entries)

@@ -56,7 +56,9 @@ CPU_BATCH = 2
 # The interpreter runs one Triton program after another in Python at ~0.5-2.5 ms per rank-1 tile
 # update, so a launch costs about (programs x reduction steps); measured on a 2-core machine at the
 # real channel counts and 8x8 inputs, ResNet-50's forward launches alone took 92 s (one each) and a
-# 64-channel 3x3 weight gradient at 8x8 took 23 s. Functional runs therefore shrink each problem:
+# 64-channel 3x3 weight gradient at 8x8 took 23 s. Functional runs therefore shrink each problem;
+# with these caps ResNet-50's 22 problems x 3 ops tune in about a minute on that machine (and the
+# whole command, with the report's CPU benchmark, takes about 3.5 minutes).
 INTERPRETER_SPATIAL_CAP = 8  # input height/width at most this (larger only where the kernel needs it)
 INTERPRETER_CHANNEL_CAP = 64  # widest per-group channel count after dividing all layers by one power of two
 CPU_REPORT_REPEATS = 2  # timed repeats (after one warm-up) of the report's CPU benchmark
@@ -636,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="tuning cache directory (default $TRITON_ADDER_CACHE_DIR or ~/.cache/triton-adder)")
     parser.add_argument("--report", type=Path, nargs="?", const=None, default=None, metavar="PATH",
                         help="where to write the HTML report: an .html file or a directory (default: "
-                             "reports/results/<model>-<device>/ under the current directory)")
+                             "reports/results/<model>-<GPU name or cpu>/ under the current directory)")
     parser.add_argument("--no-report", action="store_true", help="tune only: no benchmark, no report")
     parser.add_argument("--quick", action="store_true", help="reduced space (1-2 configs per op), fewer repeats")
     parser.add_argument("--full-size", action="store_true",
