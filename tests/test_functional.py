@@ -1,6 +1,7 @@
 """The public layer (issue 2): forward and both gradient modes against the float64 reference,
 argument conventions of conv2d, layouts, errors, and torch.compile. Runs the CPU path (see conftest)."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,6 +208,10 @@ ERRORS = [
     (lambda x, w: triton_adder.adder2d(x, w, padding="same", stride=2), ValueError, "padding='same'"),
     (lambda x, w: triton_adder.adder2d(x, w, dilation=(1, 2, 3)), ValueError, "dilation must be"),
     (lambda x, w: triton_adder.adder2d(x, w, torch.zeros(3)), ValueError, "bias must be None or"),
+    (lambda x, w: triton_adder.adder2d(x, w[..., :0]), ValueError, "weight kernel size must be at least 1x1"),
+    (lambda x, w: triton_adder.adder2d(x[..., :0, :], w, padding=2), ValueError, "input height and width"),
+    (lambda x, w: triton_adder.adder2d(x, w, stride=True), ValueError, "stride must be"),
+    (lambda x, w: triton_adder.adder2d(x, w, groups=1.0), ValueError, "groups must be a positive int"),
     (lambda x, w: triton_adder.Adder2d(4, 4, 3, padding_mode="reflect"), ValueError, "padding_mode must be 'zeros'"),
     (lambda x, w: triton_adder.Adder2d(4, 6, 3, groups=4), ValueError, "groups \\(4\\) must divide"),
     (lambda x, w: triton_adder.Adder2d(4, 6, 3, grad_mode="sign"), ValueError, "grad_mode must be one of"),
@@ -218,6 +223,22 @@ def test_bad_arguments_raise_clear_errors(call, error, message):
     x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
     with pytest.raises(error, match=message):
         call(x, w)
+
+
+def test_integer_like_arguments_are_accepted_as_conv2d_accepts_them():
+    x, w = torch.randn(2, 4, 7, 7), torch.randn(6, 4, 3, 3)
+    expected = triton_adder.adder2d(x, w, stride=2, padding=1)
+    for stride in (np.int64(2), (2,), torch.tensor(2), torch.Size([2, 2])):
+        torch.testing.assert_close(triton_adder.adder2d(x, w, stride=stride, padding=(1,)), expected)
+    layer = triton_adder.Adder2d(np.int64(4), 6, (3,), groups=np.int64(1))
+    assert layer.weight.shape == (6, 4, 3, 3) and type(layer.in_channels) is int
+
+
+def test_double_backward_raises_a_clear_error():
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(triton_adder.adder2d(x, torch.randn(6, 4, 3, 3)).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        grad_x.sum().backward()
 
 
 def test_dispatch_rules(monkeypatch):
@@ -232,6 +253,9 @@ def test_dispatch_rules(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         with ops.use_backend("cuda"):
             pass
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="Triton backend needs CUDA tensors"):
+        triton_adder.adder2d(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1))
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]])

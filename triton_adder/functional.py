@@ -6,6 +6,8 @@ All argument checking lives here: backends receive validated tensors and a resol
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from triton_adder import ops
@@ -15,16 +17,37 @@ GRAD_MODES = ("paper", "exact")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _int(value) -> int | None:
+    """value as an int if it is integer-like (int, numpy integer, 0-d integer tensor), not a bool."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _pair(value, name: str, minimum: int) -> tuple[int, int]:
-    """int or pair of ints, each >= minimum -> (a, b); otherwise a ValueError naming `name`."""
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else None
-    if (
-        pair is None
-        or len(pair) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)
-    ):
+    """int or pair (or 1-sequence) of ints, each >= minimum -> (a, b); otherwise a ValueError naming `name`.
+
+    Accepts what conv2d accepts: Python and numpy integers, 0-d integer tensors, sequences of
+    one or two of them.
+    """
+    items = list(value) if isinstance(value, (tuple, list, torch.Size)) else [value]
+    ints = [_int(v) for v in items]
+    if len(ints) == 1:
+        ints = ints * 2
+    if len(ints) != 2 or any(v is None or v < minimum for v in ints):
         raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
-    return pair
+    return tuple(ints)
+
+
+def _positive_int(value, name: str) -> int:
+    """A positive integer-like value as int; otherwise a ValueError naming `name`."""
+    as_int = _int(value)
+    if as_int is None or as_int < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return as_int
 
 
 def resolve_geometry(
@@ -69,21 +92,23 @@ def resolve_geometry(
     return Conv2dGeometry(stride, padding_before, dilation, groups, tuple(out_size))
 
 
-def _check_tensors(input: torch.Tensor, weight: torch.Tensor, bias, groups) -> None:
+def _check_tensors(input: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> None:
     if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4):
         shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
         raise ValueError(f"input must be a 3-d (C, H, W) or 4-d (N, C, H, W) tensor, got {shape}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be a 4-d (out_channels, in_channels/groups, kh, kw) tensor, got {shape}")
+    if min(weight.shape[2:]) < 1:
+        raise ValueError(f"weight kernel size must be at least 1x1, got weight shape {tuple(weight.shape)}")
+    if min(input.shape[-2:]) < 1:
+        raise ValueError(f"input height and width must be at least 1 (as in conv2d), got shape {tuple(input.shape)}")
     if input.dtype not in FLOAT_DTYPES:
         raise TypeError(f"input dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {input.dtype}")
     if weight.dtype != input.dtype:
         raise TypeError(f"weight dtype ({weight.dtype}) must match input dtype ({input.dtype})")
     if weight.device != input.device:
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}; they must be on one device")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
     in_channels, out_channels = input.shape[-3], weight.shape[0]
     if in_channels % groups or out_channels % groups:
         raise ValueError(
@@ -135,6 +160,7 @@ def adder2d(
         (N, Cout, Ho, Wo), or (Cout, Ho, Wo) for unbatched input, in input's dtype (float16 and
         bfloat16 accumulate in float32).
     """
+    groups = _positive_int(groups, "groups")
     _check_tensors(input, weight, bias, groups)
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from triton_adder.functional import GRAD_MODES, _pair, adder2d
+from triton_adder.functional import GRAD_MODES, _pair, _positive_int, adder2d
 
 
 class Adder2d(nn.Module):
@@ -44,9 +44,9 @@ class Adder2d(nn.Module):
         grad_mode: str = "paper",
     ):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        in_channels = _positive_int(in_channels, "in_channels")
+        out_channels = _positive_int(out_channels, "out_channels")
+        groups = _positive_int(groups, "groups")
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels ({out_channels})"

@@ -54,6 +54,11 @@ def _backend(x: torch.Tensor) -> ModuleType:
         from triton_adder import cpu  # noqa: PLC0415  (imports torch.compile machinery lazily)
 
         return cpu
+    if not (x.is_cuda or triton_interpreter_enabled()):
+        raise RuntimeError(
+            f"the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
+            f"to run on CPU tensors; got a tensor on {x.device}"
+        )
     from triton_adder.kernels import dispatch  # noqa: PLC0415  (imports triton lazily)
 
     return dispatch
@@ -165,6 +170,22 @@ def _backward(ctx, grad_out):
 
 
 _adder2d_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "adder2d does not support double backward (create_graph=True through its gradients): its backward ops "
+        "have no derivative formula (and in the default paper mode, eq. 5-6 are not derivatives of the forward)"
+    )
+
+
+def _keep_nothing(ctx, inputs, output):
+    pass
+
+
+# Without these, autograd would say "no autograd formula was registered" (a bug-like message).
+_adder2d_grad_input.register_autograd(_no_double_backward, setup_context=_keep_nothing)
+_adder2d_grad_weight.register_autograd(_no_double_backward, setup_context=_keep_nothing)
 
 
 def adder2d_op(x: torch.Tensor, weight: torch.Tensor, bias, geom: Conv2dGeometry, grad_mode: str) -> torch.Tensor:
