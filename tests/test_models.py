@@ -270,3 +270,16 @@ def test_published_checkpoint_mismatch_is_reported():
         load_published(model, checkpoint)
     with pytest.raises(TypeError, match="checkpoint must be a path or a state dict"):
         load_published(model, [1, 2])
+
+
+def test_bad_build_arguments_and_input_sizes_raise_clear_errors():
+    with pytest.raises(ValueError, match="num_classes must be None or a positive int"):
+        build("resnet20", num_classes=-1)
+    with pytest.raises(ValueError, match="in_channels must be None or a positive int"):
+        build("resnet20", in_channels=0)
+    with pytest.raises(ValueError, match="adder must be True"):
+        build("resnet20", adder="no")
+    lenet = build("lenet5bn", adder=False).eval()
+    assert lenet(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="needs 28x28 inputs"):
+        lenet(torch.randn(2, 1, 32, 32))

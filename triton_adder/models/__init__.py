@@ -53,6 +53,11 @@ def build(
     """
     if name not in MODELS:
         raise ValueError(f"name must be one of {sorted(MODELS)}, got {name!r}")
+    if not isinstance(adder, bool):
+        raise ValueError(f"adder must be True (AdderNet) or False (CNN), got {adder!r}")
+    for argument, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{argument} must be None or a positive int, got {value!r}")
     constructor, default_classes, default_channels = MODELS[name]
     return constructor(
         conv_factory(adder, grad_mode),

@@ -43,4 +43,8 @@ class LeNet5BN(nn.Module):
         x = self.pool(self.relu(self.bn2(self.conv2(x))))
         x = self.relu(self.bn3(self.conv3(x)))
         x = self.relu(self.bn4(self.conv4(x)))
+        if x.shape[-2:] != (1, 1):
+            # Otherwise flatten(1) would silently return Cout*H*W "logits" per image.
+            h, w = x.shape[-2:]
+            raise ValueError(f"LeNet-5-BN needs 28x28 inputs (1x1 before the classifier); this input gave {h}x{w}")
         return self.bn5(self.fc(x)).flatten(1)
