@@ -320,3 +320,20 @@ def test_browser_check_catches_a_broken_page(tmp_path):
     assert "boom" in text and "kaput" in text and "ERR_FILE_NOT_FOUND" in text
     assert len(visit.requests) == 2
     assert browser.non_background_fraction(visit.screenshot_png) < 0.001  # blank page detected as blank
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [('{"rows": [', "JSONDecodeError"), ('{"rows": [{"foo": 1}], "metadata": {}}', "KeyError"), ("[]", "ValueError")],
+)
+def test_cli_rejects_unreadable_results_with_a_usage_error(tmp_path, capsys, content, message):
+    bad = tmp_path / "results.json"
+    bad.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(bad)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not a readable results file" in err and message in err
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path)])
+    assert "is a directory" in capsys.readouterr().err

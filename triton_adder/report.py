@@ -275,9 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("results", help="results.json written by the benchmark (python -m triton_adder.tune)")
     parser.add_argument("-o", "--output", help="HTML file to write (default: report.html next to results)")
     args = parser.parse_args(argv)
+    if Path(args.results).is_dir():
+        parser.error(f"results: {args.results!r} is a directory; give the results.json inside it")
     if not Path(args.results).is_file():
         parser.error(f"results: no such file {args.results!r}")
-    path = rerender(args.results, args.output)
+    try:
+        path = rerender(args.results, args.output)
+    except (ValueError, KeyError) as error:  # json.JSONDecodeError is a ValueError
+        parser.error(f"results: {args.results!r} is not a readable results file ({type(error).__name__}: {error})")
     print(f"wrote {path}")
     return 0
 
