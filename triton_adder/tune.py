@@ -77,23 +77,19 @@ MAX_ACCUMULATORS_PER_THREAD = 128
 # error table is widened 10x.
 MISCOMPILE_TOLERANCE_WIDENING = 10.0
 
+# forward: BLOCK_M output positions x BLOCK_N output channels, BLOCK_K input channels per step;
+# grad_input: BLOCK_M input positions x BLOCK_N input channels, BLOCK_K output channels per step.
+# Both are the same rank-1 implicit GEMM loop, so they search the same space.
+_IMPLICIT_GEMM_SPACE = {
+    "block_m": (32, 64, 128, 256),
+    "block_n": (16, 32, 64, 128),
+    "block_k": (4, 8, 16, 32),
+    "num_warps": (2, 4, 8),
+    "num_stages": (1, 2, 3),
+}
 FULL_SPACES = {
-    # forward: BLOCK_M output positions x BLOCK_N output channels, BLOCK_K input channels per step.
-    "forward": {
-        "block_m": (32, 64, 128, 256),
-        "block_n": (16, 32, 64, 128),
-        "block_k": (4, 8, 16, 32),
-        "num_warps": (2, 4, 8),
-        "num_stages": (1, 2, 3),
-    },
-    # grad_input: BLOCK_M input positions x BLOCK_N input channels, BLOCK_K output channels per step.
-    "grad_input": {
-        "block_m": (32, 64, 128, 256),
-        "block_n": (16, 32, 64, 128),
-        "block_k": (4, 8, 16, 32),
-        "num_warps": (2, 4, 8),
-        "num_stages": (1, 2, 3),
-    },
+    "forward": _IMPLICIT_GEMM_SPACE,
+    "grad_input": _IMPLICIT_GEMM_SPACE,
     # grad_weight kernel: BLOCK_M output x BLOCK_N input channels, BLOCK_K reduction steps unrolled.
     "grad_weight": {
         "block_m": (16, 32, 64, 128),
