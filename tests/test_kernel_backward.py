@@ -188,6 +188,25 @@ def test_default_configs_and_methods():
             default_of((64, 256, 28, 28), (256, 256, 3, 3), geom, device_type).validate()
 
 
+@pytest.mark.parametrize("grad_mode", GRAD_MODES)
+@pytest.mark.parametrize("case", ["depthwise_stride2_pad2", "narrow_w16"])
+def test_gpu_narrow_layer_defaults_compute_the_gradient(case, grad_mode):
+    """The GPU defaults' narrow-layer branches (depthwise: 1 channel per program; 17-32 channels with
+    W a multiple of 16: 64 x 32 x 2 on one warp) run under the interpreter on odd shapes."""
+    cases = {**CASES, "narrow_w16": _case(1, 20, 3, 16, 7, (3, 3), padding=(1, 1))}
+    x_shape, w_shape, geom = cases[case]
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(x_shape, generator=gen).to(DEVICE)
+    weight = (torch.randn(w_shape, generator=gen) * 0.8).to(DEVICE)
+    grad_out = torch.randn(x_shape[0], w_shape[0], *geom.out_size, generator=gen).to(DEVICE)
+    config = backward.default_grad_input_config(x_shape, w_shape, geom, "cuda")
+    expected = {"depthwise_stride2_pad2": (1024, 1, 1, 4), "narrow_w16": (64, 32, 2, 1)}[case]
+    assert (config.block_m, config.block_n, config.block_k, config.num_warps) == expected
+    expected_x, _ = adder2d_backward(grad_out, x, weight, geom, grad_mode)
+    actual = backward.grad_input(grad_out, x, weight, geom, grad_mode, config)
+    assert_matches_reference(actual, expected_x, torch.float32, _input_terms(weight, geom))
+
+
 def test_argument_errors_name_the_argument():
     grad_out, x, weight, geom = _operands("3x3_pad1")
     with pytest.raises(ValueError, match="grad_mode"):

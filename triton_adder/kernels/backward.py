@@ -336,11 +336,27 @@ def default_grad_input_config(x_shape, weight_shape, geom: Conv2dGeometry, devic
     2.09 FP32 and 2.88 instructions in all per element, no spills; 128 x 64 tiles or 8 output
     channels per step spill (the X tile doubles the live registers of the forward's loop).
     Narrower groups take 16 channels and twice the positions. Interpreter (CPU): 16 x 16 x 4.
+
+    Narrow layers (same screen): when W is a multiple of 16, Triton's launcher specialisation lets
+    the compiler see that positions are contiguous and it picks a position-major register layout,
+    in which the per-channel W/2 + 1/2 and per-position 2gY are amortised over fewer elements
+    (2.31-2.38 FP32 per element at 2 warps). For 17-32 channels at stride 1, 64 x 32 x 2 on ONE warp
+    gets 2.08-2.14 FP32 / 2.58-2.77 in all (NCHW and channels_last), but the same config spills
+    hundreds of LDL/STL when W is not a multiple of 16 or the stride is 2 (channel-major layout), so
+    it is taken only there. 16 channels stay at 2.38 FP32 / 3.48: no screened config (block_m
+    32-512, block_k 1-8, 1-4 warps) beats it without spilling. Depthwise (Cg == 1): a 16-wide
+    channel tile is 15/16 masked lanes and spilled 88 LDL/STL; 1024 positions x 1 channel on 4
+    warps has no spills and ~21 instructions per useful term (was ~160 counted per useful term):
+    one term per (position, tap), so per-position index math and range checks dominate.
     """
     cout, cg = weight_shape[:2]
     tg = cout // geom.groups
     if device_type != "cuda":
         return KernelConfig(16, 16, 4, num_warps=4, num_stages=1)
+    if cg == 1:
+        return KernelConfig(1024, 1, 1, num_warps=4, num_stages=2)
+    if 16 < cg <= 32 and tuple(geom.stride) == (1, 1) and x_shape[-1] % 16 == 0:
+        return KernelConfig(64, 32, _pow2_between(tg, 1, 2), num_warps=1, num_stages=2)
     block_n = _pow2_between(cg, 16, 32)
     return KernelConfig(2048 // block_n, block_n, _pow2_between(tg, 1, 4), num_warps=2, num_stages=2)
 
@@ -352,6 +368,12 @@ def default_grad_weight_config(x_shape, weight_shape, geom: Conv2dGeometry, devi
     64 accumulators per thread (64 x 64 with 2 warps, 128 x 64 with 4), 8 steps unrolled; screened
     on sm_90 SASS (float32, paper mode): 1.02 FP32 and 1.82 instructions in all per element, no
     spills in the loop. 64 x 64 with 4 warps and 128 x 128 with 8 warps spill. Interpreter: 16 x 16 x 4.
+
+    Narrow layers stay index-bound: with Cout = Cg = 16 the 16 x 16 tile is the whole layer, so each
+    (n, p, q) step's index advance, range checks and per-step loads (~38 integer/load instructions)
+    are shared by only 8 terms per thread (7.75 in all per term). Screened alternatives: block_k 4,
+    16, 32, 64 (7.77-8.69, 32 spills) and 2 warps (12.0); wider tiles would be masked lanes. Such
+    layers use the "conv_identity" method by default anyway (DEFAULT_GRAD_WEIGHT_METHOD).
     """
     cout, cg = weight_shape[:2]
     tg = cout // geom.groups
