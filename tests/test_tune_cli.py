@@ -10,6 +10,7 @@ clock only ranks configs on this machine and is marked functional.
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -282,3 +283,31 @@ def test_lookup_is_memoised_and_never_fails(cache_dir, monkeypatch):
     configs.clear()
     with pytest.warns(RuntimeWarning, match="corrupt"):
         assert configs.lookup("forward", x, w, geom) is None
+
+
+def test_cli_without_interpreter_skips_kernel_tuning_and_never_sets_it(cache_dir, tmp_path, capsys, monkeypatch):
+    """No GPU and TRITON_INTERPRET unset: tune does not turn the interpreter on itself (that is the
+    user's choice); it skips kernel tuning and still writes the CPU-path report."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    written = {}
+
+    def fake_write_report(target, rows, *args):
+        written["rows"] = rows
+        return {"html": tmp_path / "report.html"}
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("tuned without the interpreter")
+
+    monkeypatch.setattr(tune, "write_report", fake_write_report)
+    monkeypatch.setattr(tune, "tune_model", unreachable)
+    assert tune.main(["--model", "lenet5bn", "--cache-dir", str(cache_dir)]) == 0
+    assert "no kernel tuning" in capsys.readouterr().err
+    assert written["rows"] == [] and os.environ["TRITON_INTERPRET"] == "0"
+
+
+def test_cli_refuses_the_interpreter_on_a_gpu_machine(cache_dir, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):
+        tune.main(["--model", "lenet5bn", "--cache-dir", str(cache_dir)])
+    assert "TRITON_INTERPRET is set on a machine with a GPU" in capsys.readouterr().err

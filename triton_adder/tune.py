@@ -6,7 +6,10 @@ gradient, weight-gradient kernel) that the cache does not hold yet -- so an inte
 resumes where it stopped -- stores each winner as soon as it is found, and prints a table
 (layer, shape, best config, time, speedup over the launcher's default config).
 
-On a machine without a GPU it runs end to end through the Triton interpreter on the CPU as a
+On a machine without a GPU, kernel tuning needs the Triton interpreter, which only the user turns
+on (`TRITON_INTERPRET=1`; it is read when the kernels are defined, and this module never sets it:
+on a GPU it would run the kernels on the CPU, so tune refuses it there). Without it, tune skips
+kernel tuning and only benchmarks the CPU path for the report. With it, tune runs end to end as a
 *functional* run: every layer problem is shrunk (`interpreter_problem`: batch 1, spatial size
 capped, channels divided by one power of two for the whole model) but keeps its kernel, stride,
 padding, dilation and groups, so every layer type still goes through the real kernels, the search
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from triton_adder.ops import triton_interpreter_enabled
 from triton_adder.tolerance import tolerances
 from tuning import (
     Constraint,
@@ -468,18 +472,6 @@ class Progress:
             self.stream.flush()
 
 
-def _ensure_interpreter() -> None:
-    """Without CUDA the kernels must run under the Triton interpreter, which is read at kernel definition."""
-    value = os.environ.get("TRITON_INTERPRET")
-    if value not in (None, "", "0"):
-        return
-    if value == "0":
-        raise SystemExit("no CUDA device and TRITON_INTERPRET=0: unset it (or set it to 1) to tune on the CPU")
-    if any(name.startswith("triton_adder.kernels.") for name in sys.modules):
-        raise SystemExit("no CUDA device: run with TRITON_INTERPRET=1 (the kernels were imported before tune set it)")
-    os.environ["TRITON_INTERPRET"] = "1"
-
-
 def tune_model(
     model_name: str,
     batch_size: int,
@@ -601,8 +593,8 @@ def write_report(target: Path | None, rows: list[Row], model_name: str, batch_si
         frame = bench.measure(model_name, batch_size, device=device, backend="cpu", quick=True,
                               repeats=CPU_REPORT_REPEATS, adder_dtypes=(dtype_name,), command_line=command_line)
     metadata = dict(frame.attrs.get("metadata", {}))
-    tuning = rows_frame(rows)
-    if device.type != "cuda":
+    tuning = rows_frame(rows) if rows else None  # no rows: no kernel tuning ran (CPU, no interpreter)
+    if device.type != "cuda" and rows:
         metadata["tuning note"] = functional_note(rows)
     if target is None:
         out_dir, html_name = report.default_output_dir(metadata), "report.html"
@@ -611,6 +603,8 @@ def write_report(target: Path | None, rows: list[Row], model_name: str, batch_si
     else:
         out_dir, html_name = target, "report.html"
     written = report.write_report(frame, metadata, out_dir=out_dir, html_name=html_name, tuning=tuning)
+    if tuning is None:
+        return written
     csv_path, json_path = reports.write_raw(tuning, metadata, out_dir, stem="tuning")
     return {**written, "tuning_csv": csv_path, "tuning_json": json_path}
 
@@ -656,9 +650,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--report PATH and --no-report exclude each other")
 
     on_gpu = torch.cuda.is_available()
+    # The interpreter is the user's (or the tests') choice, never set here: it is read when the
+    # kernels are defined, and on a GPU machine it would silently run them on the CPU.
+    interpreter = triton_interpreter_enabled()
+    if on_gpu and interpreter:
+        parser.error("TRITON_INTERPRET is set on a machine with a GPU: unset it (the interpreter would run "
+                     "the kernels on the CPU)")
+    tune_kernels = on_gpu or interpreter
     shrink = not on_gpu and not args.full_size
-    if not on_gpu:
-        _ensure_interpreter()
+    if not tune_kernels:
+        print("No CUDA device and TRITON_INTERPRET unset: no kernel tuning (the Triton kernels need a GPU; "
+              "TRITON_INTERPRET=1 gives a functional tuning run through the interpreter). The report benchmarks "
+              "the CPU path.", file=sys.stderr)
+    elif not on_gpu:
         print(
             "No CUDA device: functional tuning run through the Triton interpreter on the CPU ("
             + ("each layer problem shrunk to batch 1, a small spatial size and fewer channels" if shrink
@@ -680,11 +684,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model {args.model}, {'batch 1 (shrunk problems)' if shrink else f'batch {batch}'}, {args.dtype}, "
           f"ops {','.join(ops)}, device {identity.name} ({identity.capability}, Triton {identity.triton_version}), "
           f"cache {cache.path}", file=sys.stderr)
-    started = time.perf_counter()
-    rows = tune_model(args.model, batch, dtype, ops, args.budget_s, cache, device, quick,
-                      channels_last=args.channels_last, force=args.force, grad_mode=args.grad_mode, shrink=shrink)
-    print_table(rows, functional=not on_gpu)
-    print(f"tuning took {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    rows = []
+    if tune_kernels:
+        started = time.perf_counter()
+        rows = tune_model(args.model, batch, dtype, ops, args.budget_s, cache, device, quick,
+                          channels_last=args.channels_last, force=args.force, grad_mode=args.grad_mode,
+                          shrink=shrink)
+        print_table(rows, functional=not on_gpu)
+        print(f"tuning took {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if not args.no_report:
         print(f"benchmarking the model for the report ({'GPU' if on_gpu else 'CPU path, real shapes'}, "
               f"batch {batch}) ...", file=sys.stderr)
