@@ -169,7 +169,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 
 def test_module_matches_functional_and_reprs():
-    layer = triton_adder.Adder2d(4, 6, 3, stride=2, padding="same" if False else 1, groups=2, bias=True)
+    layer = triton_adder.Adder2d(4, 6, 3, stride=2, padding=1, groups=2, bias=True)
     assert "4, 6, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), groups=2" in repr(layer)
     x = torch.randn(2, 4, 7, 7)
     torch.testing.assert_close(layer(x), triton_adder.adder2d(x, layer.weight, layer.bias, 2, 1, 1, 2))

@@ -503,20 +503,28 @@ def grad_weight_launch(
     return grid, args, kwargs
 
 
-def _grad_weight_triton(grad_out, x, weight, geom, grad_mode, config, split_k):
-    n = x.shape[0]
-    cout, cg, kh, kw = weight.shape
-    tg = cout // geom.groups
-    total = n * geom.out_size[0] * geom.out_size[1]
-    t_blocks = triton.cdiv(tg, config.block_m)
-    k_blocks = triton.cdiv(cg, config.block_n)
+def grad_weight_split(
+    batch: int, weight_shape, geom: Conv2dGeometry, config: KernelConfig, device: torch.device, split_k=None
+) -> tuple[int, int]:
+    """(split_k, l_per_split): how the N*Ho*Wo reduction of `grad_weight_kernel` is split.
+
+    split_k None: `default_split_k`. l_per_split is a whole number of BLOCK_K steps, and split_k is
+    recomputed from it so that no split is empty.
+    """
+    cout, cg, kh, kw = weight_shape
+    total = max(batch * geom.out_size[0] * geom.out_size[1], 1)
     if split_k is None:
-        split_k = default_split_k(t_blocks * k_blocks * geom.groups * kh * kw, total, config.block_k, x.device)
+        tiles = triton.cdiv(cout // geom.groups, config.block_m) * triton.cdiv(cg, config.block_n)
+        split_k = default_split_k(tiles * geom.groups * kh * kw, total, config.block_k, device)
     if not (isinstance(split_k, int) and split_k >= 1):
         raise ValueError(f"split_k must be a positive int or None, got {split_k!r}")
-    # Whole BLOCK_K steps per split; recompute the count so that no split is empty.
-    l_per_split = triton.cdiv(triton.cdiv(max(total, 1), split_k), config.block_k) * config.block_k
-    split_k = triton.cdiv(max(total, 1), l_per_split)
+    l_per_split = triton.cdiv(triton.cdiv(total, split_k), config.block_k) * config.block_k
+    return triton.cdiv(total, l_per_split), l_per_split
+
+
+def _grad_weight_triton(grad_out, x, weight, geom, grad_mode, config, split_k):
+    cout, cg, kh, kw = weight.shape
+    split_k, l_per_split = grad_weight_split(x.shape[0], weight.shape, geom, config, x.device, split_k)
     acc_dtype = torch.float64 if _acc_fp64(grad_out, x, weight) else torch.float32
     partial = torch.empty((split_k, cout, cg, kh, kw), dtype=acc_dtype, device=x.device)
     grid, args, kwargs = grad_weight_launch(grad_out, x, weight, partial, geom, grad_mode, config, l_per_split)

@@ -341,8 +341,6 @@ def grad_weight_mix(
     reduction is `backward.default_split_k` on the meta device (counted as 1 SM, so fewer splits than
     on a GPU): the split count only changes the run-time scalar L_PER_SPLIT, not the loop.
     """
-    import triton  # noqa: PLC0415
-
     from triton_adder.kernels import backward  # noqa: PLC0415
 
     x, weight, geom = _meta_layer(dtype, shape, cout, kernel_size, stride, padding, groups, channels_last)
@@ -350,12 +348,7 @@ def grad_weight_mix(
         config = backward.default_grad_weight_config(x.shape, weight.shape, geom, "cuda")
     config = config.validate("config")
     cg, kh, kw = weight.shape[1:]
-    tg = cout // groups
-    total = shape[0] * geom.out_size[0] * geom.out_size[1]
-    tiles = triton.cdiv(tg, config.block_m) * triton.cdiv(cg, config.block_n) * groups * kh * kw
-    split_k = backward.default_split_k(tiles, total, config.block_k, x.device)
-    l_per_split = triton.cdiv(triton.cdiv(total, split_k), config.block_k) * config.block_k
-    split_k = triton.cdiv(total, l_per_split)
+    split_k, l_per_split = backward.grad_weight_split(shape[0], weight.shape, geom, config, x.device)
     grad_out = torch.empty((shape[0], cout, *geom.out_size), dtype=dtype, device="meta")
     partial = torch.empty((split_k, cout, cg, kh, kw), dtype=torch.float32, device="meta")
     _, args, kwargs = backward.grad_weight_launch(grad_out, x, weight, partial, geom, grad_mode, config, l_per_split)
