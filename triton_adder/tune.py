@@ -613,8 +613,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m triton_adder.tune",
         description="Tune the adder kernels' launch configs for every adder layer of a model, then benchmark the "
-                    "model and write the HTML report. Without a GPU: a functional run through the Triton "
-                    "interpreter on shrunk problems, then a CPU-path benchmark (not GPU timings).",
+                    "model and write the HTML report. Without a GPU: a CPU-path benchmark only, plus (with "
+                    "TRITON_INTERPRET=1) a functional tuning run through the Triton interpreter on shrunk "
+                    "problems (not GPU timings).",
     )
     parser.add_argument("--model", required=True, choices=sorted(DEFAULT_GPU_BATCH))
     parser.add_argument("--batch-size", type=int, default=None,
@@ -679,13 +680,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     batch = args.batch_size or (DEFAULT_GPU_BATCH[args.model] if on_gpu else CPU_BATCH)
     quick = args.quick or not on_gpu
     dtype = DTYPES[args.dtype]
-    identity = configs.identity(device)
-    cache = configs.cache_for(device)
-    print(f"model {args.model}, {'batch 1 (shrunk problems)' if shrink else f'batch {batch}'}, {args.dtype}, "
-          f"ops {','.join(ops)}, device {identity.name} ({identity.capability}, Triton {identity.triton_version}), "
-          f"cache {cache.path}", file=sys.stderr)
     rows = []
     if tune_kernels:
+        identity = configs.identity(device)
+        cache = configs.cache_for(device)
+        print(f"model {args.model}, {'batch 1 (shrunk problems)' if shrink else f'batch {batch}'}, {args.dtype}, "
+              f"ops {','.join(ops)}, device {identity.name} ({identity.capability}, Triton {identity.triton_version}), "
+              f"cache {cache.path}", file=sys.stderr)
         started = time.perf_counter()
         rows = tune_model(args.model, batch, dtype, ops, args.budget_s, cache, device, quick,
                           channels_last=args.channels_last, force=args.force, grad_mode=args.grad_mode,
