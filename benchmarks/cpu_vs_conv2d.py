@@ -1,4 +1,4 @@
-"""The CPU adder path (`triton_adder.cpu`) side by side with `torch.nn.functional.conv2d` on the same shapes.
+"""The CPU adder path (`triton_adder.backends.cpu`) side by side with `torch.nn.functional.conv2d` on the same shapes.
 
     python benchmarks/cpu_vs_conv2d.py [--repeats 7] [--shapes resnet20,resnet50] [--grad-mode paper] [--threads N]
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from triton_adder import cpu  # noqa: E402
+from triton_adder.backends import cpu  # noqa: E402
 from triton_adder.geometry import Conv2dGeometry  # noqa: E402
 
 # (name, batch, in_channels, out_channels, input size, kernel, stride, padding)

@@ -34,11 +34,11 @@
 #
 # What comes back in $OUT (at most 8 files, flat) and where to commit it:
 #     gpu_run.log                       everything printed, every step; its summary is printed last
-#     kernel_vs_cudnn_<device>.csv/.json  -> benchmarks/results/
+#     kernel_vs_cudnn_<device>.csv/.json  -> results/benchmarks/
 #     <GPU>__sm90__triton-<v>.json      the tuning cache -> tuning/configs/ (tuning/configs/README.md:
 #                                         same file name; only "functional": false entries belong there)
 #     report.tar.gz                     `tar -xzf report.tar.gz` at the repository root unpacks
-#                                         reports/results/resnet50-<device>/ (report.html, results.csv/json)
+#                                         results/reports/resnet50-<device>/ (report.html, results.csv/json)
 # Commit them with the device and versions that gpu_run.log and the JSON metadata name.
 #
 # Environment: OUT (default /tmp/gpu_run_out), TOTAL_S (500), TUNE_BUDGET_S (3), TUNE_OPS (fwd),
@@ -187,7 +187,7 @@ step_tune() {
 }
 
 step_report() {
-    # Both commands write reports/results/<model>-<device>/ under the working directory: run in
+    # Both commands write results/reports/<model>-<device>/ under the working directory: run in
     # $WORK/report so that the tarball unpacks to the same path at the repository root.
     local quick=()
     [[ $REPORT_QUICK == 1 ]] && quick=(--quick)

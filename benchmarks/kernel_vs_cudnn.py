@@ -1,7 +1,7 @@
 """The adder kernels side by side with cuDNN on a model's adder layers, on one CUDA GPU.
 
     python benchmarks/kernel_vs_cudnn.py [--model resnet50] [--batch 64] [--kernel-size 3] [--quick]
-                                         [--out benchmarks/results] [--max-layers N] [--grad-mode paper]
+                                         [--out results/benchmarks] [--max-layers N] [--grad-mode paper]
                                          [--variants adder_fp32,conv_fp32,...] [--check-images 2]
 
 The layers are the model's unique adder layers with a kh x kw = kernel-size^2 kernel, as
@@ -15,7 +15,7 @@ The layers are the model's unique adder layers with a kh x kw = kernel-size^2 ke
 - weight gradient: adder `grad_weight` with method "triton" and "conv_identity" (paper mode only)
   against cuDNN's float32 weight gradient (TF32 off).
 
-Launch configs: what the layer itself would use, i.e. `triton_adder.configs.lookup` (the user's
+Launch configs: what the layer itself would use, i.e. `triton_adder.autotune.lookup.lookup` (the user's
 tuning cache, then the configs shipped in tuning/configs/), else the launcher's heuristic default;
 the `config` column says which. cuDNN runs with `torch.backends.cudnn.benchmark = True` (its
 fastest algorithm per shape, a strict baseline) unless --no-cudnn-benchmark.
@@ -296,7 +296,7 @@ class LayerRun:
         import torch  # noqa: PLC0415
         import torch.nn.functional as F  # noqa: PLC0415
 
-        from triton_adder import configs  # noqa: PLC0415
+        from triton_adder.autotune import lookup as configs  # noqa: PLC0415
         from triton_adder.kernels import backward  # noqa: PLC0415
         from triton_adder.kernels import forward as fwd  # noqa: PLC0415
 

@@ -17,7 +17,7 @@ from torch import nn
 from tests.tolerance import assert_matches_reference
 from triton_adder import Adder2d, bench, models, reference
 from triton_adder.functional import resolve_geometry
-from triton_adder.kernels.config import KernelConfig
+from triton_adder.kernels.launch_config import KernelConfig
 
 METADATA_KEYS = {"device", "device_kind", "torch", "triton", "cudnn", "driver", "git revision", "date",
                  "command line", "note", "ceiling method", "timing method", "energy model"}

@@ -1,4 +1,4 @@
-"""The CPU backend (`triton_adder.cpu`) against the float64 reference.
+"""The CPU backend (`triton_adder.backends.cpu`) against the float64 reference.
 
 The geometry grid runs on the chunked eager path (no compile time); the inductor-compiled path
 is checked on a few shapes that together reach every compiled function (forward, the
@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from tests.tolerance import assert_matches_reference
-from triton_adder import cpu, reference
+from triton_adder import reference
+from triton_adder.backends import cpu
 from triton_adder.geometry import Conv2dGeometry
 
 _BENCH_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cpu_vs_conv2d.py")
@@ -71,7 +72,7 @@ def _inputs(case, dtype, memory_format="contiguous", seed=0):
 
 
 def check_backend(case, dtype, memory_format="contiguous", grad_modes=("paper", "exact")):
-    """forward, grad_input and grad_weight of triton_adder.cpu vs the reference on the same (rounded) values."""
+    """forward, grad_input and grad_weight of triton_adder.backends.cpu vs the reference on the same (rounded) values."""
     x, weight, bias, grad_out, geom = _inputs(case, dtype, memory_format)
     cout, cg, kh, kw = weight.shape
     y = cpu.forward(x, weight, bias, geom)

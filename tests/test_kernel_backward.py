@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 from tests.tolerance import assert_matches_reference  # noqa: E402
 from triton_adder.geometry import Conv2dGeometry  # noqa: E402
 from triton_adder.kernels import backward  # noqa: E402
-from triton_adder.kernels.config import KernelConfig  # noqa: E402
+from triton_adder.kernels.launch_config import KernelConfig  # noqa: E402
 from triton_adder.reference import adder2d_backward  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

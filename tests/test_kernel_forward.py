@@ -19,7 +19,7 @@ from tests.tolerance import assert_matches_reference  # noqa: E402
 from triton_adder import reference  # noqa: E402
 from triton_adder.functional import resolve_geometry  # noqa: E402
 from triton_adder.kernels import forward as fwd  # noqa: E402
-from triton_adder.kernels.config import KernelConfig  # noqa: E402
+from triton_adder.kernels.launch_config import KernelConfig  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"

@@ -1,4 +1,4 @@
-"""`python -m triton_adder.tune` and the run-time lookup `triton_adder.configs`, through the interpreter.
+"""`python -m triton_adder.tune` and the run-time lookup `triton_adder.autotune.lookup`, through the interpreter.
 
 The end-to-end runs tune LeNet-5-BN's three adder layers (forward, reduced space) into a
 temporary cache: once at the real shapes (--full-size, batch 1) to check the run-time lookup,
@@ -17,10 +17,11 @@ import torch
 
 import reports
 from tests.tolerance import assert_matches_reference
-from triton_adder import Adder2d, bench, configs, models, reference, report, tune
+from triton_adder import Adder2d, bench, models, reference, report, tune
+from triton_adder.autotune import lookup as configs
 from triton_adder.functional import resolve_geometry
 from triton_adder.kernels import forward
-from triton_adder.kernels.config import KernelConfig
+from triton_adder.kernels.launch_config import KernelConfig
 from tuning import WallClockBenchmarker, search
 
 LENET_PROBLEMS = [  # (layer, x shape at batch 1, weight shape)
@@ -205,7 +206,7 @@ def one_layer(layer):
 
 
 def test_cli_default_run_shrinks_problems_and_writes_the_report(cache_dir, tmp_path, capsys, monkeypatch):
-    """No flags: functional run on shrunk problems, then the report under reports/results/<model>-cpu/."""
+    """No flags: functional run on shrunk problems, then the report under results/reports/<model>-cpu/."""
     measured = {}
     real_measure = bench.measure
 

@@ -22,7 +22,7 @@ the repeats. A measurement that cannot run (missing kernel, out of memory, unsup
 row with status "skipped" or "error" and a reason; `measure` never raises for one.
 
 CLI: `python -m triton_adder.bench --model resnet50 [--quick]` measures and writes the report
-(`triton_adder.report.write_report`) under reports/results/<model>-<device>/.
+(`triton_adder.report.write_report`) under results/reports/<model>-<device>/.
 
 Derived columns (`derive`): element rate, percent of the device ceiling, speedups against every
 baseline, operation counts and the paper's 45 nm energy estimate (see the constants below).
@@ -520,7 +520,7 @@ def _kernel_launchers():
 def tuned_config(op: str, x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry):
     """(KernelConfig or None, reason): the tuner's cached config for `op` on this shape, if any."""
     try:
-        from triton_adder import configs  # noqa: PLC0415
+        from triton_adder.autotune import lookup as configs  # noqa: PLC0415
     except Exception as error:  # noqa: BLE001
         return None, f"tuned-config lookup unavailable ({type(error).__name__}: {error})"
     config = configs.lookup(op, x, weight, geom)
@@ -571,7 +571,7 @@ def _adder_rows(rec: _Recorder, common: dict, backend: str, dtype_name: str, x: 
 
     if backend == "cpu":
         try:
-            from triton_adder import cpu as cpu_path  # noqa: PLC0415
+            from triton_adder.backends import cpu as cpu_path  # noqa: PLC0415
         except Exception as error:  # noqa: BLE001
             for family in families:
                 add(family, "cpu_path", reason=f"CPU path unavailable ({type(error).__name__}: {error})")
@@ -899,7 +899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("triton", "cpu"), default=None)
     parser.add_argument("--adder-dtypes", default="float32", help="comma-separated: float32,float16,bfloat16")
     parser.add_argument("--max-layers", type=int, default=None, help="only the first N unique adder layers")
-    parser.add_argument("--out", default=None, help="output folder (default: reports/results/<model>-<device>)")
+    parser.add_argument("--out", default=None, help="output folder (default: results/reports/<model>-<device>)")
     args = parser.parse_args(argv)
     frame = measure(args.model, args.batch_size, quick=args.quick, backend=args.backend,
                     adder_dtypes=tuple(args.adder_dtypes.split(",")), max_layers=args.max_layers)

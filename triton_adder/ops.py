@@ -6,7 +6,7 @@ implementations that only compute shapes. Each op dispatches at run time:
 
 - CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set: the Triton kernels
   (`triton_adder.kernels`), with the launch config the tuner cached for this shape, if any;
-- other CPU tensors: the memory-bounded CPU path (`triton_adder.cpu`).
+- other CPU tensors: the memory-bounded CPU path (`triton_adder.backends.cpu`).
 
 `use_backend` forces one of them (tests use it to run both paths in one process).
 """
@@ -51,7 +51,7 @@ def backend_name(x: torch.Tensor) -> str:
 
 def _backend(x: torch.Tensor) -> ModuleType:
     if backend_name(x) == "cpu":
-        from triton_adder import cpu  # noqa: PLC0415  (imports torch.compile machinery lazily)
+        from triton_adder.backends import cpu  # noqa: PLC0415  (imports torch.compile machinery lazily)
 
         return cpu
     if not (x.is_cuda or triton_interpreter_enabled()):
@@ -59,7 +59,7 @@ def _backend(x: torch.Tensor) -> ModuleType:
             f"the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
             f"to run on CPU tensors; got a tensor on {x.device}"
         )
-    from triton_adder.kernels import dispatch  # noqa: PLC0415  (imports triton lazily)
+    from triton_adder.backends import triton as dispatch  # noqa: PLC0415  (imports triton lazily)
 
     return dispatch
 

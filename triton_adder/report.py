@@ -236,7 +236,7 @@ def _slug(text: str) -> str:
 
 
 def default_output_dir(metadata: dict) -> Path:
-    """reports/results/<model>-<device>/ under the current directory (the repository root, when run from there).
+    """results/reports/<model>-<device>/ under the current directory (the repository root, when run from there).
 
     <device> is the GPU's name on CUDA and "cpu" otherwise (the CPU model is in the page's metadata).
     """

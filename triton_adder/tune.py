@@ -20,7 +20,7 @@ real problem), are marked functional, and are never used on a GPU. The report's 
 times the CPU path at the model's real shapes (`write_report`).
 
 Afterwards it benchmarks the model (`triton_adder.bench.measure`) and writes the HTML report
-(default reports/results/<model>-<device>/; `--report PATH` elsewhere, `--no-report` skips it).
+(default results/reports/<model>-<device>/; `--report PATH` elsewhere, `--no-report` skips it).
 
 The search itself is the generic `tuning` package; this module only describes the adder kernels
 to it (search spaces, constraints, runners, output check).
@@ -136,7 +136,7 @@ class LayerProblem:
 
     def cache_problem(self) -> dict:
         """The cache's problem key: the problem run, plus "reduced_from" (the real problem) when shrunk."""
-        from triton_adder import configs
+        from triton_adder.autotune import lookup as configs
 
         key = configs.problem_key(self.x_shape, self.weight_shape, self.geom)
         if self.reduced_from is not None:
@@ -305,7 +305,7 @@ def make_tunable(
 ) -> Tunable:
     """Describe one (op, layer problem) to the tuner: operands, runner, default, space, constraints."""
     from triton_adder.kernels import backward, forward
-    from triton_adder.kernels.config import KernelConfig
+    from triton_adder.kernels.launch_config import KernelConfig
 
     geom = problem.geom
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -492,7 +492,8 @@ def tune_model(
     shrink: tune `interpreter_problem`s (batch 1, small spatial size, fewer channels) instead of
     the real problems at `batch_size`: the functional run of a machine without a GPU.
     """
-    from triton_adder import configs, models
+    from triton_adder import models
+    from triton_adder.autotune import lookup as configs
     from triton_adder.bench import MODEL_INPUT_SIZE
 
     size = MODEL_INPUT_SIZE[model_name]
@@ -629,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="tuning cache directory (default $TRITON_ADDER_CACHE_DIR or ~/.cache/triton-adder)")
     parser.add_argument("--report", type=Path, nargs="?", const=None, default=None, metavar="PATH",
                         help="where to write the HTML report: an .html file or a directory (default: "
-                             "reports/results/<model>-<GPU name or cpu>/ under the current directory)")
+                             "results/reports/<model>-<GPU name or cpu>/ under the current directory)")
     parser.add_argument("--no-report", action="store_true", help="tune only: no benchmark, no report")
     parser.add_argument("--quick", action="store_true", help="reduced space (1-2 configs per op), fewer repeats")
     parser.add_argument("--full-size", action="store_true",
@@ -670,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                else "real problems") + ", reduced space). Its timings are NOT GPU timings.",
             file=sys.stderr,
         )
-    from triton_adder import configs
+    from triton_adder.autotune import lookup as configs
 
     if args.cache_dir is not None:
         # The layer's run-time lookup (and the report's tuned rows) must read the cache tuned here.

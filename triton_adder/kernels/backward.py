@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from triton_adder.geometry import Conv2dGeometry
-from triton_adder.kernels.config import KernelConfig
+from triton_adder.kernels.launch_config import KernelConfig
 
 GRAD_MODES = ("paper", "exact")
 GRAD_WEIGHT_METHODS = ("triton", "conv_identity")

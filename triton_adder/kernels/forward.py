@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from triton_adder.geometry import Conv2dGeometry
-from triton_adder.kernels.config import KernelConfig
+from triton_adder.kernels.launch_config import KernelConfig
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

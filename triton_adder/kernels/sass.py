@@ -406,7 +406,7 @@ SCREEN_SHAPES = [
 
 
 def main(argv=None):
-    from triton_adder.kernels.config import KernelConfig  # noqa: PLC0415
+    from triton_adder.kernels.launch_config import KernelConfig  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", default="forward", choices=sorted(KERNEL_MIXES), help="which kernel to compile")

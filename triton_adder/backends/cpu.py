@@ -192,7 +192,7 @@ def _compiled_call(fn, options: dict, args):
             except Exception as error:  # noqa: BLE001  (any compiler failure -> eager fallback)
                 _compiler_failure = f"{type(error).__name__}: {error}"
                 warnings.warn(
-                    "triton_adder.cpu: compiling the CPU adder kernels with torch inductor failed "
+                    "triton_adder.backends.cpu: compiling the CPU adder kernels with torch inductor failed "
                     f"({_compiler_failure.splitlines()[0][:300]}); falling back to the chunked eager "
                     "implementation, which is correct and memory-bounded but ~10-100x slower.",
                     RuntimeWarning,
@@ -242,7 +242,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _check(x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry, grad_mode: str | None = None):
     if x.device.type != "cpu" or weight.device.type != "cpu":
-        raise ValueError(f"triton_adder.cpu takes CPU tensors, got x on {x.device} and weight on {weight.device}")
+        raise ValueError(f"triton_adder.backends.cpu takes CPU tensors, got x on {x.device} and weight on {weight.device}")
     if x.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"x.dtype must be one of {_SUPPORTED_DTYPES}, got {x.dtype}")
     if x.dim() != 4 or weight.dim() != 4:

@@ -1,6 +1,6 @@
 """Run-time lookup of tuned launch configs: the bridge from the kernel launchers to `tuning`'s cache.
 
-    config = triton_adder.configs.lookup("forward", x, weight, geom)   # KernelConfig or None
+    config = triton_adder.autotune.lookup.lookup("forward", x, weight, geom)   # KernelConfig or None
     y = forward(x, weight, bias, geom, config)                          # None -> heuristic default
 
 The cache lives in ``$TRITON_ADDER_CACHE_DIR``, else ``$XDG_CACHE_HOME/triton-adder``, else
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from triton_adder.geometry import Conv2dGeometry
-from triton_adder.kernels.config import KernelConfig
+from triton_adder.kernels.launch_config import KernelConfig
 from tuning import DeviceIdentity, TuningCache, device_identity, user_cache_dir
 
 OPS = ("forward", "grad_input", "grad_weight")
