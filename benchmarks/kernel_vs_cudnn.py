@@ -5,7 +5,7 @@
                                          [--variants adder_fp32,conv_fp32,...] [--check-images 2]
 
 The layers are the model's unique adder layers with a kh x kw = kernel-size^2 kernel, as
-`triton_adder.bench.census` finds them (default: ResNet-50's seven 3x3 layers at batch 64, input
+`triton_adder.models.census` finds them (default: ResNet-50's seven 3x3 layers at batch 64, input
 224 x 224); `layer_count` says how often the model calls each. Per layer, timed in one run:
 
 - forward: adder kernel (`kernels.forward`) in float32, float16, bfloat16 against `F.conv2d` in
@@ -244,7 +244,7 @@ def format_tables(frame, goals: list[dict], default_grad_weight_method: str | No
 def adder_layers(model_name: str, batch: int, kernel_size: int):
     """[(LayerShape, layer_count)] of the model's unique adder layers with a kernel_size^2 kernel."""
     from triton_adder import models  # noqa: PLC0415
-    from triton_adder.bench import MODEL_INPUT_SIZE, census, unique_adder_layers  # noqa: PLC0415
+    from triton_adder.models.census import MODEL_INPUT_SIZE, census, unique_adder_layers  # noqa: PLC0415
 
     size = MODEL_INPUT_SIZE[model_name]
     input_shape = (batch, models.MODELS[model_name][2], size, size)
@@ -579,10 +579,10 @@ def run(args, device, command_line: str):
     """Measure on `device`, writing the CSV/JSON after every layer; return (frame, metadata, goals, paths)."""
     import pandas as pd  # noqa: PLC0415
 
-    import reports  # noqa: PLC0415
+    from triton_adder import reports  # noqa: PLC0415
     from triton_adder import bench  # noqa: PLC0415
     from triton_adder.kernels import backward  # noqa: PLC0415
-    from tuning.benchmark import benchmarker_for  # noqa: PLC0415
+    from triton_adder.tuning.benchmark import benchmarker_for  # noqa: PLC0415
 
     layers = adder_layers(args.model, args.batch, args.kernel_size)[: args.max_layers]
     if not layers:

@@ -6,9 +6,9 @@ matplotlib figure inlined as SVG, the stylesheet is inline, the page has no scri
 nothing from the network or the file system. All outside text is HTML-escaped on the way in.
 """
 
-from reports.charts import bar_chart, figure_to_svg
-from reports.page import Report
-from reports.raw import read_raw, write_raw
-from reports.tables import format_number, html_table
+from .charts import bar_chart, figure_to_svg
+from .page import Report
+from .raw import read_raw, write_raw
+from .tables import format_number, html_table
 
 __all__ = ["Report", "bar_chart", "figure_to_svg", "format_number", "html_table", "read_raw", "write_raw"]

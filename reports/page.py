@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.tables import escape, html_table
+from .tables import escape, html_table
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto;

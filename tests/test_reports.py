@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import reports
+from triton_adder import reports
 from tests import browser
 from triton_adder import bench, report
 from triton_adder.bench import COLUMNS, LayerShape

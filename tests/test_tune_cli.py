@@ -15,14 +15,14 @@ import os
 import pytest
 import torch
 
-import reports
+from triton_adder import reports
 from tests.tolerance import assert_matches_reference
 from triton_adder import Adder2d, bench, models, reference, report, tune
 from triton_adder.autotune import lookup as configs
 from triton_adder.functional import resolve_geometry
 from triton_adder.kernels import forward
 from triton_adder.kernels.launch_config import KernelConfig
-from tuning import WallClockBenchmarker, search
+from triton_adder.tuning import WallClockBenchmarker, search
 
 LENET_PROBLEMS = [  # (layer, x shape at batch 1, weight shape)
     ("conv2", (1, 6, 14, 14), (16, 6, 5, 5)),

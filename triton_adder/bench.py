@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from triton_adder.geometry import Conv2dGeometry
+from triton_adder.geometry import Conv2dGeometry, LayerShape
+from triton_adder.models.census import DEFAULT_GPU_BATCH, MODEL_INPUT_SIZE, LayerCall, census, unique_adder_layers
 
 # Energy per float32 operation at 45 nm (Horowitz, ISSCC 2014), the figures AdderNet's paper uses
 # for its energy argument. Compute only: memory traffic, which dominates real chips, is left out.
@@ -78,8 +79,6 @@ TENSOR_MACS_PER_SM_CLOCK = {(9, 0): {"tf32": 1024, "float16": 2048, "bfloat16": 
 # Nominal maximum SM clocks (MHz) used only when NVML and nvidia-smi cannot tell (spec sheets).
 NOMINAL_MAX_SM_CLOCK_MHZ = {"H200": 1980, "H100 NVL": 1785, "H100 PCIe": 1755, "H100": 1980, "A100": 1410}
 
-# Image size per model (the paper's datasets: MNIST 28, CIFAR-10 32, ImageNet 224).
-MODEL_INPUT_SIZE = {"lenet5bn": 28, "resnet20": 32, "resnet32": 32, "resnet18": 224, "resnet50": 224}
 
 CONV_PRECISIONS = ("fp32", "tf32", "float16", "bfloat16")
 CPU_NOTE = "CPU/interpreter run: not GPU timings"
@@ -94,109 +93,6 @@ COLUMNS = [
 
 # ---------------------------------------------------------------------------------------------
 # Layers of a model
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """One adder (or convolution) call: input (batch, cin, h, w), weight (cout, cin/groups, kh, kw)."""
-
-    batch: int
-    cin: int
-    h: int
-    w: int
-    cout: int
-    kh: int
-    kw: int
-    geom: Conv2dGeometry
-
-    @property
-    def name(self) -> str:
-        """Short, stable key, e.g. "64x56x56->64 3x3 s1 p1" (d/g only when not 1)."""
-        (sh, sw), (ph, pw), (dh, dw) = self.geom.stride, self.geom.padding, self.geom.dilation
-        text = f"{self.cin}x{self.h}x{self.w}->{self.cout} {self.kh}x{self.kw} s{sh if sh == sw else (sh, sw)}"
-        text += f" p{ph if ph == pw else (ph, pw)}"
-        if (dh, dw) != (1, 1):
-            text += f" d{dh if dh == dw else (dh, dw)}"
-        if self.geom.groups != 1:
-            text += f" g{self.geom.groups}"
-        return text
-
-    @property
-    def elements(self) -> int:
-        """Reduced elements |x - w| (or multiply-accumulates): N * Cout * Ho * Wo * Cin/groups * kh * kw."""
-        ho, wo = self.geom.out_size
-        return self.batch * self.cout * ho * wo * (self.cin // self.geom.groups) * self.kh * self.kw
-
-    def columns(self) -> dict:
-        (ho, wo) = self.geom.out_size
-        return dict(layer=self.name, batch=self.batch, cin=self.cin, h=self.h, w=self.w, cout=self.cout,
-                    kh=self.kh, kw=self.kw, stride=str(self.geom.stride), padding=str(self.geom.padding),
-                    dilation=str(self.geom.dilation), groups=self.geom.groups, ho=ho, wo=wo)
-
-
-@dataclass(frozen=True)
-class LayerCall:
-    """One call of a Conv2d / Adder2d / Linear inside a model forward: arithmetic kind and elements."""
-
-    kind: str  # "adder" | "multiply"
-    module: str
-    elements: int
-    shape: LayerShape | None  # only for adder layers
-
-
-def _module_geometry(module: nn.Module, input_size: tuple[int, int]) -> Conv2dGeometry:
-    from triton_adder.functional import resolve_geometry  # noqa: PLC0415  (keeps import cheap for report re-rendering)
-
-    return resolve_geometry(input_size, tuple(module.kernel_size), module.stride, module.padding,
-                            module.dilation, module.groups)
-
-
-def census(model: nn.Module, input_shape: Sequence[int]) -> list[LayerCall]:
-    """Every Adder2d / Conv2d / Linear call of one forward of `model` on `input_shape` (N, C, H, W).
-
-    Runs a copy of the model on the meta device (shapes only, no memory, no arithmetic).
-    """
-    import copy  # noqa: PLC0415
-
-    from triton_adder.nn import Adder2d  # noqa: PLC0415
-
-    meta_model = copy.deepcopy(model).to("meta").eval()  # eval: BatchNorm accepts any batch size
-    calls: list[LayerCall] = []
-
-    def hook(name):
-        def record(module, inputs):
-            x = inputs[0]
-            if isinstance(module, nn.Linear):
-                calls.append(LayerCall("multiply", name, x.numel() // x.shape[-1] * module.in_features
-                                       * module.out_features, None))
-                return
-            n, c, h, w = x.shape
-            geom = _module_geometry(module, (h, w))
-            kh, kw = module.kernel_size
-            shape = LayerShape(n, c, h, w, module.out_channels, kh, kw, geom)
-            kind = "adder" if isinstance(module, Adder2d) else "multiply"
-            calls.append(LayerCall(kind, name, shape.elements, shape if kind == "adder" else None))
-
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in meta_model.named_modules()
-               if isinstance(m, (Adder2d, nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            meta_model(torch.empty(*input_shape, device="meta"))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
-
-
-def unique_adder_layers(calls: Iterable[LayerCall]) -> list[tuple[LayerShape, int]]:
-    """(shape, how many calls use it) for each distinct adder layer, in first-use order."""
-    counts: dict[LayerShape, int] = {}
-    for call in calls:
-        if call.kind == "adder":
-            counts[call.shape] = counts.get(call.shape, 0) + 1
-    return list(counts.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +242,7 @@ def machine_metadata(device: torch.device, command_line: str | None = None) -> d
 
 
 def _benchmarker(device: torch.device, quick: bool, repeats: int | None):
-    from tuning.benchmark import CudaEventBenchmarker, WallClockBenchmarker  # noqa: PLC0415
+    from triton_adder.tuning.benchmark import CudaEventBenchmarker, WallClockBenchmarker  # noqa: PLC0415
 
     if device.type == "cuda":
         if quick:

@@ -7,6 +7,7 @@ exactly one place (`functional.py`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 
@@ -31,3 +32,56 @@ class Conv2dGeometry(NamedTuple):
             (o - 1) * s + (k - 1) * d + 1
             for o, s, k, d in zip(self.out_size, self.stride, kernel_size, self.dilation)
         )
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One adder (or convolution) call: input (batch, cin, h, w), weight (cout, cin/groups, kh, kw)."""
+
+    batch: int
+    cin: int
+    h: int
+    w: int
+    cout: int
+    kh: int
+    kw: int
+    geom: Conv2dGeometry
+
+    @classmethod
+    def of(cls, x_shape, weight_shape, geom: Conv2dGeometry) -> LayerShape:
+        """From an input shape (N, Cin, H, W) and weight shape (Cout, Cin/groups, kh, kw)."""
+        n, cin, h, w = (int(v) for v in x_shape)
+        cout, _, kh, kw = (int(v) for v in weight_shape)
+        return cls(n, cin, h, w, cout, kh, kw, geom)
+
+    @property
+    def x_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.cin, self.h, self.w)
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.cout, self.cin // self.geom.groups, self.kh, self.kw)
+
+    @property
+    def name(self) -> str:
+        """Short, stable key, e.g. "64x56x56->64 3x3 s1 p1" (d/g only when not 1)."""
+        (sh, sw), (ph, pw), (dh, dw) = self.geom.stride, self.geom.padding, self.geom.dilation
+        text = f"{self.cin}x{self.h}x{self.w}->{self.cout} {self.kh}x{self.kw} s{sh if sh == sw else (sh, sw)}"
+        text += f" p{ph if ph == pw else (ph, pw)}"
+        if (dh, dw) != (1, 1):
+            text += f" d{dh if dh == dw else (dh, dw)}"
+        if self.geom.groups != 1:
+            text += f" g{self.geom.groups}"
+        return text
+
+    @property
+    def elements(self) -> int:
+        """Reduced elements |x - w| (or multiply-accumulates): N * Cout * Ho * Wo * Cin/groups * kh * kw."""
+        ho, wo = self.geom.out_size
+        return self.batch * self.cout * ho * wo * (self.cin // self.geom.groups) * self.kh * self.kw
+
+    def columns(self) -> dict:
+        (ho, wo) = self.geom.out_size
+        return dict(layer=self.name, batch=self.batch, cin=self.cin, h=self.h, w=self.w, cout=self.cout,
+                    kh=self.kh, kw=self.kw, stride=str(self.geom.stride), padding=str(self.geom.padding),
+                    dilation=str(self.geom.dilation), groups=self.geom.groups, ho=ho, wo=wo)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import reports
+from triton_adder import reports
 from triton_adder.bench import CPU_NOTE, ENERGY_PJ_ADD, ENERGY_PJ_MULTIPLY, derive
 
 # Baselines in the order a reader compares against them, with their display names.

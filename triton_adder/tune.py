@@ -39,9 +39,10 @@ from pathlib import Path
 
 import torch
 
+from triton_adder.models.census import DEFAULT_GPU_BATCH, MODEL_INPUT_SIZE
 from triton_adder.ops import triton_interpreter_enabled
 from triton_adder.tolerance import tolerances
-from tuning import (
+from triton_adder.tuning import (
     Constraint,
     SearchSpace,
     Tunable,
@@ -53,7 +54,6 @@ from tuning import (
     tile_within,
 )
 
-DEFAULT_GPU_BATCH = {"lenet5bn": 256, "resnet20": 128, "resnet32": 128, "resnet18": 64, "resnet50": 64}
 # Without a GPU: the batch of the report's CPU-path benchmark at the real shapes (2: training-mode
 # BatchNorm needs more than one value per channel), and of --full-size interpreter tuning.
 CPU_BATCH = 2
@@ -189,7 +189,7 @@ def collect_problems(model: torch.nn.Module, input_shape: Sequence[int]) -> list
     Uses `triton_adder.bench.census` (one forward on the meta device: shapes only, no memory);
     layers with the same input shape, weight shape and geometry share one problem.
     """
-    from triton_adder.bench import census
+    from triton_adder.models.census import census
 
     found: dict[tuple, LayerProblem] = {}
     for call in census(model, tuple(input_shape)):
@@ -494,7 +494,6 @@ def tune_model(
     """
     from triton_adder import models
     from triton_adder.autotune import lookup as configs
-    from triton_adder.bench import MODEL_INPUT_SIZE
 
     size = MODEL_INPUT_SIZE[model_name]
     input_shape = (batch_size, models.MODELS[model_name][2], size, size)
@@ -584,7 +583,7 @@ def write_report(target: Path | None, rows: list[Row], model_name: str, batch_si
     target: an .html file, a directory (report.html inside), or None for `report.default_output_dir`.
     The tuning table goes into the page and beside it as tuning.csv / tuning.json. Returns the written paths.
     """
-    import reports
+    from triton_adder import reports
     from triton_adder import bench, report
 
     if device.type == "cuda":

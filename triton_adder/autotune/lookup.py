@@ -24,7 +24,7 @@ import torch
 
 from triton_adder.geometry import Conv2dGeometry
 from triton_adder.kernels.launch_config import KernelConfig
-from tuning import DeviceIdentity, TuningCache, device_identity, user_cache_dir
+from triton_adder.tuning import DeviceIdentity, TuningCache, device_identity, user_cache_dir
 
 OPS = ("forward", "grad_input", "grad_weight")
 CACHE_DIR_ENV = "TRITON_ADDER_CACHE_DIR"
