@@ -5,7 +5,8 @@
 For each shape: forward time of the adder layer and of conv2d, their ratio; backward time
 (input + weight gradients) of both and their ratio; the compile time of the adder's first call
 (excluded from the timings); and the peak extra memory of the adder's forward + backward (peak
-resident memory above the level before the call, see `peak_extra_rss_megabytes`). Timings are
+resident memory above the level before the call, see
+`triton_adder.backends.cpu.memory.peak_extra_rss_megabytes`). Timings are
 medians of `--repeats` runs with adder and conv2d interleaved, so load from other processes hits
 both alike; the ratios are what to compare across machines. torch runs with its default threads
 unless --threads is given (on a loaded machine --threads 1 gives steadier ratios).
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from triton_adder.backends import cpu  # noqa: E402
-from triton_adder.geometry import Conv2dGeometry  # noqa: E402
+from triton_adder.backends.cpu.memory import peak_extra_rss_megabytes  # noqa: E402
+from triton_adder.functional import resolve_geometry  # noqa: E402
 
 # (name, batch, in_channels, out_channels, input size, kernel, stride, padding)
 SHAPES = {
@@ -64,33 +66,6 @@ def machine_description() -> str:
     )
 
 
-def peak_extra_rss_megabytes(fn) -> float:
-    """Peak resident memory (MB) while fn() runs, above the resident memory just before it (Linux only).
-
-    Writing "5" to /proc/self/clear_refs resets the kernel's high-water mark VmHWM to the current
-    RSS; after fn() returns, VmHWM - RSS_before is the largest amount of memory fn() held at once,
-    counting every allocation that touched pages (torch, numpy, the compiler), not only torch's.
-    malloc_trim first hands freed heap pages back, so memory the allocator merely retained from
-    earlier is not counted as "before" and then silently reused. Raises OSError where /proc is
-    not writable.
-    """
-    import ctypes  # noqa: PLC0415
-
-    def resident_megabytes(key: str) -> float:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(key):
-                    return int(line.split()[1]) / 1024
-        raise OSError(f"{key} not in /proc/self/status")
-
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    before = resident_megabytes("VmRSS:")
-    fn()
-    return resident_megabytes("VmHWM:") - before
-
-
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -101,8 +76,8 @@ def bench_shape(batch, cin, cout, size, kernel, stride, padding, repeats, grad_m
     torch.manual_seed(0)
     x = torch.randn(batch, cin, size, size)
     weight = torch.randn(cout, cin, kernel, kernel)
-    out = (size + 2 * padding - kernel) // stride + 1
-    geom = Conv2dGeometry((stride, stride), (padding, padding), (1, 1), 1, (out, out))
+    geom = resolve_geometry((size, size), (kernel, kernel), stride, padding)
+    out = geom.out_size[0]
     grad_out = torch.randn(batch, cout, out, out)
 
     def adder_forward():

@@ -20,7 +20,7 @@
 #                          on ResNet-50's 3x3 layers at batch 64 (issue 3 and 4 goals); saved per layer
 #     tests           120  pytest tests/test_kernel_forward.py tests/test_kernel_backward.py
 #                          tests/test_functional.py, compiled for the GPU (xdist, per-test timeout)
-#     sass             45  python -m triton_adder.kernels.sass, the three kernels on ResNet-50's first
+#     sass             45  benchmarks/sass_screen.py, the three kernels on ResNet-50's first
 #                          3x3 layer (compile-only: does Triton 3.6 emit the loop Triton 3.9 does?)
 #     tune            110  python -m triton_adder.tune --model resnet50 --ops $TUNE_OPS --budget-s
 #                          $TUNE_BUDGET_S --no-report: a token search (default config and about one
@@ -38,7 +38,8 @@
 #     <GPU>__sm90__triton-<v>.json      the tuning cache -> tuning/configs/ (tuning/configs/README.md:
 #                                         same file name; only "functional": false entries belong there)
 #     report.tar.gz                     `tar -xzf report.tar.gz` at the repository root unpacks
-#                                         results/reports/resnet50-<device>/ (report.html, results.csv/json)
+#                                         runs/resnet50-<device>/ (report.html, results.csv/json);
+#                                         move it to results/reports/ to commit it
 # Commit them with the device and versions that gpu_run.log and the JSON metadata name.
 #
 # Environment: OUT (default /tmp/gpu_run_out), TOTAL_S (500), TUNE_BUDGET_S (3), TUNE_OPS (fwd),
@@ -169,7 +170,7 @@ step_sass() {
     # ResNet-50's 64-channel 3x3 layer at batch 64, each kernel's heuristic default config.
     local kernel rc=0
     for kernel in forward grad_input grad_weight; do
-        "$PYTHON" -m triton_adder.kernels.sass --kernel "$kernel" --shape 64 64 56 56 --cout 64 || rc=1
+        "$PYTHON" benchmarks/sass_screen.py --kernel "$kernel" --shape 64 64 56 56 --cout 64 || rc=1
     done
     return $rc
 }
@@ -187,7 +188,7 @@ step_tune() {
 }
 
 step_report() {
-    # Both commands write results/reports/<model>-<device>/ under the working directory: run in
+    # Both commands write runs/<model>-<device>/ under the working directory: run in
     # $WORK/report so that the tarball unpacks to the same path at the repository root.
     local quick=()
     [[ $REPORT_QUICK == 1 ]] && quick=(--quick)
@@ -212,8 +213,8 @@ collect_tuning_cache() {
 }
 
 collect_report() {
-    if [[ -d $WORK/report/reports ]]; then
-        tar -C "$WORK/report" -czf "$OUT/report.tar.gz" reports && say "report: $OUT/report.tar.gz ($(
+    if [[ -d $WORK/report/runs ]]; then
+        tar -C "$WORK/report" -czf "$OUT/report.tar.gz" runs && say "report: $OUT/report.tar.gz ($(
             tar -tzf "$OUT/report.tar.gz" | tr '\n' ' '))"
     else
         say "report: none written"

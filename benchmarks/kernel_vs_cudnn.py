@@ -101,7 +101,10 @@ class Implementation:
 
 @dataclass(frozen=True)
 class Goal:
-    """ratio = time(numerator) / time(denominator); met when ratio <= limit ("<=") or >= limit (">=")."""
+    """ratio = time(numerator) / time(denominator); met when ratio <= limit ("<=") or >= limit (">=").
+
+    issue: the project issue that set the target ("issue 3": forward, "issue 4": gradients).
+    """
 
     issue: str
     text: str
@@ -297,8 +300,10 @@ class LayerRun:
         import torch.nn.functional as F  # noqa: PLC0415
 
         from triton_adder.autotune import lookup as configs  # noqa: PLC0415
-        from triton_adder.kernels import backward  # noqa: PLC0415
+        from triton_adder.backends import triton as backend  # noqa: PLC0415
         from triton_adder.kernels import forward as fwd  # noqa: PLC0415
+        from triton_adder.kernels import grad_input as gi  # noqa: PLC0415
+        from triton_adder.kernels import grad_weight as gw  # noqa: PLC0415
 
         geom, mode = self.geom, self.grad_mode
         if variant.role == "adder":
@@ -308,7 +313,7 @@ class LayerRun:
             if variant.key == "adder_grad_weight_conv_identity":
                 if mode != "paper":
                     raise _Skip("conv_identity computes the paper gradient only")
-                return Implementation(lambda: backward.grad_weight(gy, x, w, geom, mode, method="conv_identity"),
+                return Implementation(lambda: backend.grad_weight(gy, x, w, geom, mode, method="conv_identity"),
                                       "conv_identity")  # fmt: skip
             # The config the layer would launch: the tuning cache (user's, then shipped), else the default.
             config = configs.lookup(op, x, w, geom)
@@ -317,11 +322,11 @@ class LayerRun:
                 config = config or fwd.default_config(x, w, geom)
                 fn = lambda: fwd.forward(x, w, None, geom, config)  # noqa: E731
             elif op == "grad_input":
-                config = config or backward.default_grad_input_config(x.shape, w.shape, geom, x.device.type)
-                fn = lambda: backward.grad_input(gy, x, w, geom, mode, config)  # noqa: E731
+                config = config or gi.default_grad_input_config(x.shape, w.shape, geom, x.device.type)
+                fn = lambda: gi.grad_input(gy, x, w, geom, mode, config)  # noqa: E731
             else:
-                config = config or backward.default_grad_weight_config(x.shape, w.shape, geom, x.device.type)
-                fn = lambda: backward.grad_weight(gy, x, w, geom, mode, config, method="triton")  # noqa: E731
+                config = config or gw.default_grad_weight_config(x.shape, w.shape, geom, x.device.type)
+                fn = lambda: gw.grad_weight(gy, x, w, geom, mode, config)  # noqa: E731
             return Implementation(fn, f"{source} {config.as_dict()}", config)
         arguments = self.conv_arguments()
         if arguments is None:
@@ -348,7 +353,7 @@ class LayerRun:
         import torch  # noqa: PLC0415
 
         from triton_adder import reference  # noqa: PLC0415
-        from triton_adder.kernels import backward  # noqa: PLC0415
+        from triton_adder.backends import triton as backend  # noqa: PLC0415
         from triton_adder.tolerance import tolerances  # noqa: PLC0415
 
         if self.slice == 0:
@@ -371,7 +376,8 @@ class LayerRun:
             reduction = (shape.cout // geom.groups) * shape.kh * shape.kw
         else:  # a sum over the batch: the same routine and config on the sliced batch
             method = variant.key.removeprefix("adder_grad_weight_")
-            actual = backward.grad_weight(self.gy32[:s], x[:s], w, geom, self.grad_mode, impl.config, method=method)
+            actual = backend.grad_weight(self.gy32[:s], x[:s], w, geom, self.grad_mode, method=method,
+                                         config=impl.config)
             expected = self.reference_backward()[1]
             reduction = s * ho * wo
         tol = tolerances(dtype, reduction)
@@ -443,7 +449,7 @@ def measure(args, device, timer, layers, after_layer: Callable[[list[dict]], Non
     """
     import torch  # noqa: PLC0415
 
-    from triton_adder.bench import _tf32 as tf32_mode  # noqa: PLC0415  (the one TF32 switch of the benchmarks)
+    from triton_adder.measure.precision import tf32_mode  # noqa: PLC0415
 
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     variants = [VARIANT_BY_KEY[key] for key in args.variants]
@@ -488,7 +494,7 @@ def measure(args, device, timer, layers, after_layer: Callable[[list[dict]], Non
 
 
 def run_description(args, timer_name: str, timer_settings: str, layers: int) -> dict:
-    """The run's own metadata (beside `bench.machine_metadata`'s device, versions, date and command)."""
+    """The run's own metadata (beside `measure.machine.machine_metadata`'s device, versions, date and command)."""
     return {
         "benchmark": "kernel_vs_cudnn",
         "model": args.model,
@@ -580,8 +586,8 @@ def run(args, device, command_line: str):
     import pandas as pd  # noqa: PLC0415
 
     from triton_adder import reports  # noqa: PLC0415
-    from triton_adder import bench  # noqa: PLC0415
-    from triton_adder.kernels import backward  # noqa: PLC0415
+    from triton_adder.backends import triton as backend  # noqa: PLC0415
+    from triton_adder.measure.machine import machine_metadata  # noqa: PLC0415
     from triton_adder.tuning.benchmark import benchmarker_for  # noqa: PLC0415
 
     layers = adder_layers(args.model, args.batch, args.kernel_size)[: args.max_layers]
@@ -589,9 +595,9 @@ def run(args, device, command_line: str):
         raise SystemExit(f"--model {args.model} has no adder layer with a {args.kernel_size}x{args.kernel_size} kernel")
     layer_count = len(layers)
     timer = benchmarker_for(device, quick=args.quick)
-    metadata = bench.machine_metadata(device, command_line)
+    metadata = machine_metadata(device, command_line)
     metadata.update(run_description(args, type(timer).__name__, _settings(timer), layer_count))
-    metadata["library default grad_weight method"] = backward.default_grad_weight_method(device, args.grad_mode)
+    metadata["library default grad_weight method"] = backend.default_grad_weight_method(device, args.grad_mode)
     stem = args.stem or f"kernel_vs_cudnn_{_slug(metadata['device'])}"
     state = {}
 

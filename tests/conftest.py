@@ -1,10 +1,10 @@
 """Test session setup.
 
 Without CUDA, the Triton kernels run under the interpreter: TRITON_INTERPRET must be set before
-triton decorates any kernel, so it is set here, before anything imports them. Because dispatch
-sends CPU tensors to the kernels whenever the interpreter is on, every test starts with the CPU
-path forced; kernel tests opt in with `triton_adder.ops.use_backend("triton")` or call the
-launchers directly.
+triton decorates any kernel, so it is set here, before anything imports them. Because
+`triton_adder.backends.select_backend` sends CPU tensors to the kernels whenever the interpreter
+is on, every test starts with the CPU backend forced; kernel tests opt in with
+`triton_adder.backends.use_backend("triton")` or call the launchers directly.
 """
 
 import atexit
@@ -22,10 +22,10 @@ _test_cache_dir = tempfile.mkdtemp(prefix="triton-adder-test-cache-")
 os.environ["TRITON_ADDER_CACHE_DIR"] = _test_cache_dir
 atexit.register(shutil.rmtree, _test_cache_dir, ignore_errors=True)
 
-from triton_adder import ops  # noqa: E402  (after TRITON_INTERPRET is set)
+from triton_adder import backends  # noqa: E402  (after TRITON_INTERPRET is set)
 
 
 @pytest.fixture(autouse=True)
 def _cpu_path_unless_cuda():
-    with ops.use_backend(None if torch.cuda.is_available() else "cpu"):
+    with backends.use_backend(None if torch.cuda.is_available() else "cpu"):
         yield

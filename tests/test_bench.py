@@ -1,5 +1,6 @@
-"""bench.py: rows for every measurement, skips with reasons instead of crashes, derived columns exact,
-and the baselines it times compute the adder layer (checked against the float64 reference).
+"""The measurement layer (triton_adder.measure) behind `python -m triton_adder.bench`: rows for every
+measurement, skips with reasons instead of crashes, derived columns exact, and the baselines it
+times compute the adder layer (checked against the float64 reference).
 
 Timings themselves are never asserted (no timed tests); tiny shapes keep the CPU path and the
 Triton interpreter fast.
@@ -17,7 +18,11 @@ from torch import nn
 from tests.tolerance import assert_matches_reference
 from triton_adder import Adder2d, bench, models, reference
 from triton_adder.functional import resolve_geometry
+from triton_adder.geometry import LayerShape
 from triton_adder.kernels.launch_config import KernelConfig
+from triton_adder.measure import baselines, loops, timing
+from triton_adder.measure.derived import COLUMNS, CPU_NOTE, derive
+from triton_adder.models.census import DEFAULT_GPU_BATCH, census, unique_adder_layers
 
 METADATA_KEYS = {"device", "device_kind", "torch", "triton", "cudnn", "driver", "git revision", "date",
                  "command line", "note", "ceiling method", "timing method", "energy model"}
@@ -69,7 +74,7 @@ def test_cpu_run_has_every_measurement(cpu_frame):
 def test_metadata_says_cpu(cpu_frame):
     metadata = cpu_frame.attrs["metadata"]
     assert METADATA_KEYS <= set(metadata)
-    assert metadata["device_kind"] == "cpu" and metadata["note"] == bench.CPU_NOTE
+    assert metadata["device_kind"] == "cpu" and metadata["note"] == CPU_NOTE
     assert metadata["command line"] == "pytest tests/test_bench.py"
     assert metadata["model"] == "tiny <net>"
     assert metadata["date"].endswith("+00:00")
@@ -107,7 +112,7 @@ def test_derived_columns_follow_their_definitions(cpu_frame):
 
 def test_ceiling_percent_and_tuned_gain_on_synthetic_rows():
     geom = resolve_geometry((8, 8), (3, 3), 1, 1)
-    shape = bench.LayerShape(1, 4, 8, 8, 4, 3, 3, geom)
+    shape = LayerShape(1, 4, 8, 8, 4, 3, 3, geom)
     base = dict(scope="layer", model="m", status="ok", elements=shape.elements, batch=1, dtype="float32",
                 **{k: v for k, v in shape.columns().items() if k != "batch"})
     rows = [dict(base, family="forward", op="adder_forward", variant="default", role="adder", baseline_key="",
@@ -118,9 +123,9 @@ def test_ceiling_percent_and_tuned_gain_on_synthetic_rows():
                  median_ms=0.5),
             dict(base, family="forward", op="conv2d", variant="float16", role="baseline",
                  baseline_key="conv2d_float16", dtype="float16", median_ms=0.25)]
-    frame = pd.DataFrame(rows).reindex(columns=bench.COLUMNS)
+    frame = pd.DataFrame(rows).reindex(columns=COLUMNS)
     ceiling = {"fp32_instructions_per_s": 1e12, "tensor_macs_per_s": {"float16": 8e12}}
-    derived = bench.derive(frame, {"device_kind": "cuda"}, ceiling).set_index("label")
+    derived = derive(frame, {"device_kind": "cuda"}, ceiling).set_index("label")
     rate = shape.elements / 1e-3
     assert derived.loc["adder_forward tuned", "percent_of_ceiling"] == pytest.approx(100 * rate / (1e12 / 2))
     assert derived.loc["conv2d fp32", "percent_of_ceiling"] == pytest.approx(100 * 2 * rate / 1e12)
@@ -129,7 +134,7 @@ def test_ceiling_percent_and_tuned_gain_on_synthetic_rows():
     assert derived.loc["adder_forward tuned", "speedup_vs_conv2d_fp32"] == 0.5
     assert derived.loc["adder_forward default", "speedup_vs_conv2d_float16"] == 0.125
     # Re-deriving saved rows without a ceiling keeps the measured one.
-    again = bench.derive(derived.reset_index(), {"device_kind": "cuda"})
+    again = derive(derived.reset_index(), {"device_kind": "cuda"})
     assert list(again["percent_of_ceiling"]) == list(derived["percent_of_ceiling"])
 
 
@@ -143,7 +148,7 @@ def test_interpreter_runs_tuned_and_default_kernels(monkeypatch):
         calls.append(op)
         return (tuned, "") if op == "forward" else (None, "no tuned config cached (test)")
 
-    monkeypatch.setattr(bench, "tuned_config", fake_lookup)
+    monkeypatch.setattr(loops, "tuned_config", fake_lookup)
     adder, cnn = nn.Sequential(Adder2d(3, 4, 3, padding=1)), nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
     frame = bench.measure(("tiny", adder, cnn, (1, 3, 5, 5)), backend="triton", quick=True, repeats=1,
                           baselines=False, whole_model=False)
@@ -164,17 +169,17 @@ def test_baselines_over_the_memory_budget_are_skipped_with_their_size(monkeypatc
     adder, cnn = nn.Sequential(Adder2d(3, 4, 3, padding=1)), nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
     frame = bench.measure(("tiny", adder, cnn, (2, 3, 6, 6)), device="cpu", backend="cpu", quick=True, repeats=1,
                           whole_model=False, memory_budget_bytes=1000)
-    shape = bench.LayerShape(2, 3, 6, 6, 4, 3, 3, resolve_geometry((6, 6), (3, 3), 1, 1))
+    shape = LayerShape(2, 3, 6, 6, 4, 3, 3, resolve_geometry((6, 6), (3, 3), 1, 1))
     rows = frame.set_index("op")
-    for op, size in (("unfold_broadcast", bench.unfold_broadcast_bytes(shape, 4)),
-                     ("cdist_l1", bench.cdist_bytes(shape, 4))):
+    for op, size in (("unfold_broadcast", baselines.unfold_broadcast_bytes(shape, 4)),
+                     ("cdist_l1", baselines.cdist_bytes(shape, 4))):
         assert rows.loc[op, "status"] == "skipped"
         assert rows.loc[op, "required_memory_bytes"] == size > 1000
         assert "memory budget" in rows.loc[op, "reason"]
 
 
 def test_a_failing_measurement_becomes_a_row():
-    recorder = bench._Recorder(torch.device("cpu"), quick=True, repeats=1)
+    recorder = timing.Recorder(torch.device("cpu"), quick=True, repeats=1)
 
     def broken():
         raise RuntimeError("kernel exploded\nsecond line")
@@ -192,17 +197,25 @@ def test_timed_baselines_compute_the_adder_layer(cin, cout, size, kernel, stride
     weight = torch.randn(cout, cin, *kernel, generator=generator)
     geom = resolve_geometry(size, kernel, stride, padding, dilation)
     expected = reference.adder2d_forward(x.double(), weight.double(), None, geom)
-    for implementation in (bench.unfold_broadcast_adder, bench.cdist_adder):
+    for implementation in (baselines.unfold_broadcast_adder, baselines.cdist_adder):
         assert_matches_reference(implementation(x, weight, geom), expected, torch.float32, cin * kernel[0] * kernel[1])
 
 
 def test_census_of_resnet50_finds_its_adder_layers():
-    calls = bench.census(models.build("resnet50", adder=True), (1, 3, 224, 224))
+    calls = census(models.build("resnet50", adder=True), (1, 3, 224, 224))
     kinds = [call.kind for call in calls]
     assert kinds.count("adder") == 52 and kinds.count("multiply") == 2  # stem conv and classifier stay
-    unique = bench.unique_adder_layers(calls)
+    unique = unique_adder_layers(calls)
     assert sum(count for _, count in unique) == 52 and len(unique) == 22
     assert unique[0][0].name == "64x56x56->256 1x1 s1 p0"
+
+
+def test_named_models_default_to_the_tuners_gpu_batch():
+    for name in models.MODELS:
+        assert loops.default_batch_size(name, torch.device("cuda", 0)) == DEFAULT_GPU_BATCH[name]
+        assert loops.default_batch_size(name, torch.device("cpu")) == 2  # training-mode BatchNorm needs > 1
+    frame = bench.measure("lenet5bn", device="cpu", backend="cpu", layers=False, whole_model=False)
+    assert frame.attrs["metadata"]["input shape"] == "(2, 1, 28, 28)"
 
 
 def test_measure_rejects_bad_arguments():
@@ -212,3 +225,16 @@ def test_measure_rejects_bad_arguments():
         bench.measure("lenet5bn", backend="cuda")
     with pytest.raises(ValueError, match="adder_dtypes"):
         bench.measure("lenet5bn", adder_dtypes=("int8",))
+
+
+def test_cli_measures_writes_the_report_and_shows_progress(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_ADDER_CPU_COMPILE", "0")
+    out = tmp_path / "report"
+    assert bench.main(["--model", "lenet5bn", "--backend", "cpu", "--quick", "--max-layers", "1",
+                       "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert {"html", "csv", "json"} <= {line.split(":")[0] for line in printed.out.splitlines()}
+    assert "benchmark lenet5bn" in printed.err and "2/2" in printed.err  # one layer + the whole model
+    frame = pd.read_csv(out / "results.csv")
+    assert set(frame["scope"]) == {"layer", "model"} and frame["layer"].nunique() == 2
+    assert "lenet5bn" in (out / "report.html").read_text()

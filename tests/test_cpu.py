@@ -11,35 +11,34 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import importlib.util
+import importlib
 import os
 import warnings
 
 import pytest
 import torch
 
+from tests import cases
 from tests.tolerance import assert_matches_reference
-from triton_adder import reference
+from triton_adder import functional, reference
 from triton_adder.backends import cpu
+from triton_adder.backends.cpu.memory import peak_extra_rss_megabytes as _peak_extra_rss_megabytes
 from triton_adder.geometry import Conv2dGeometry
 
-_BENCH_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cpu_vs_conv2d.py")
-
-
-def _load_peak_extra_rss_megabytes():
-    spec = importlib.util.spec_from_file_location("cpu_vs_conv2d", _BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.peak_extra_rss_megabytes
+# The package exports the pass functions under the names of their modules, so the modules (whose
+# globals the tests patch) are looked up by their full names.
+common = importlib.import_module("triton_adder.backends.cpu.common")
+PASS_MODULES = {
+    "_forward_body": importlib.import_module("triton_adder.backends.cpu.forward"),
+    "_grad_input_body": importlib.import_module("triton_adder.backends.cpu.grad_input"),
+    "_grad_weight_exact_body": importlib.import_module("triton_adder.backends.cpu.grad_weight"),
+}
 
 
 def make_geometry(x_shape, w_shape, stride, padding, dilation, groups, extra=(0, 0)) -> Conv2dGeometry:
     """Geometry with bottom/right padding = top/left padding + extra (asymmetric when extra != 0)."""
-    out = tuple(
-        (size + 2 * pad + more - dil * (k - 1) - 1) // s + 1
-        for size, pad, more, dil, k, s in zip(x_shape[2:], padding, extra, dilation, w_shape[2:], stride)
-    )
-    return Conv2dGeometry(tuple(stride), tuple(padding), tuple(dilation), groups, out)
+    pad_after = tuple(pad + more for pad, more in zip(padding, extra, strict=True))
+    return cases.geometry(x_shape[2:], w_shape[2:], stride, padding, dilation, groups, pad_after)
 
 
 # (x shape, weight shape, stride, padding, dilation, groups, extra bottom/right padding, bias)
@@ -72,7 +71,7 @@ def _inputs(case, dtype, memory_format="contiguous", seed=0):
 
 
 def check_backend(case, dtype, memory_format="contiguous", grad_modes=("paper", "exact")):
-    """forward, grad_input and grad_weight of triton_adder.backends.cpu vs the reference on the same (rounded) values."""
+    """forward, grad_input and grad_weight of the CPU backend vs the reference on the same (rounded) values."""
     x, weight, bias, grad_out, geom = _inputs(case, dtype, memory_format)
     cout, cg, kh, kw = weight.shape
     y = cpu.forward(x, weight, bias, geom)
@@ -117,14 +116,14 @@ def test_eager_chunking_runs_many_chunks(eager, monkeypatch):
     """A 1 KB budget forces one output row (and few channels) per chunk; results must not change."""
     monkeypatch.setenv(cpu.MEMORY_BUDGET_ENV, "0.001")
     calls = collections.Counter()
-    for name in ("_forward_body", "_grad_input_body", "_grad_weight_exact_body"):
-        original = getattr(cpu, name)
+    for name, module in PASS_MODULES.items():
+        original = getattr(module, name)
 
         def counting(*args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(cpu, name, counting)
+        monkeypatch.setattr(module, name, counting)
     check_backend(CASES["3x3 s1 bias"], torch.float32)
     check_backend(CASES["s2x3 d2x1 g2 asym"], torch.float32, grad_modes=("exact",))
     assert all(calls[name] >= 20 for name in ("_forward_body", "_grad_input_body", "_grad_weight_exact_body")), calls
@@ -158,31 +157,31 @@ def test_grad_mode_is_checked(eager):
 def test_compiled(case, dtype, memory_format, grad_modes, monkeypatch):
     monkeypatch.setenv(cpu.COMPILE_ENV, "1")
     if not cpu.compiler_enabled():
-        pytest.skip(f"inductor unavailable here: {cpu._compiler_failure}")
-    before = len(cpu._compiled)
+        pytest.skip(f"inductor unavailable here: {common._compiler_failure}")
+    before = len(common._compiled)
     check_backend(CASES[case], dtype, memory_format, grad_modes)
-    assert len(cpu._compiled) > before, "no compiled callable was used"
+    assert len(common._compiled) > before, "no compiled callable was used"
 
 
 def test_compiled_channel_blocks(monkeypatch):
     """Wide layers run in blocks of output (forward) / input (grad_input) channels; force blocks of 1 channel."""
     monkeypatch.setenv(cpu.COMPILE_ENV, "1")
     if not cpu.compiler_enabled():
-        pytest.skip(f"inductor unavailable here: {cpu._compiler_failure}")
-    monkeypatch.setattr(cpu, "WEIGHT_BLOCK_BYTES", 64)
+        pytest.skip(f"inductor unavailable here: {common._compiler_failure}")
+    monkeypatch.setattr(common, "WEIGHT_BLOCK_BYTES", 64)
     grouped_with_bias = ((2, 4, 9, 10), (6, 2, 3, 3), (1, 1), (1, 1), (1, 1), 2, (0, 0), True)
     check_backend(grouped_with_bias, torch.float32, "channels_last", grad_modes=("paper",))
 
 
 def test_compile_failure_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setenv(cpu.COMPILE_ENV, "1")
-    monkeypatch.setattr(cpu, "_compiler_failure", None)
-    monkeypatch.setattr(cpu, "_compiled", collections.OrderedDict())
+    monkeypatch.setattr(common, "_compiler_failure", None)
+    monkeypatch.setattr(common, "_compiled", collections.OrderedDict())
 
     def broken(fn, args):
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(cpu, "_inductor_compile", broken)
+    monkeypatch.setattr(common, "_inductor_compile", broken)
     with pytest.warns(RuntimeWarning, match="falling back to the chunked eager"):
         check_backend(CASES["1x1 s2 downsample"], torch.float32, grad_modes=("exact",))
     with warnings.catch_warnings():
@@ -193,7 +192,6 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch):
 
 def test_inside_torch_compile_fullgraph(monkeypatch):
     """The custom op is opaque to an outer torch.compile; the CPU backend then runs inside the graph."""
-    functional = pytest.importorskip("triton_adder.functional")
     monkeypatch.setenv(cpu.COMPILE_ENV, "1")
     x, weight, bias, grad_out, geom = _inputs(CASES["3x3 s1 bias"], torch.float32)
     x.requires_grad_(True)
@@ -223,7 +221,7 @@ def peak_extra_rss_megabytes():
     # RSS of a 16 MB-budget call to 51 MB. A fixed 256 KB threshold (mallopt M_MMAP_THRESHOLD)
     # maps every large allocation on its own and unmaps it on free, so RSS tracks live memory.
     ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)
-    return _load_peak_extra_rss_megabytes()
+    return _peak_extra_rss_megabytes
 
 
 def test_peak_memory_harness_detects_a_large_temporary(peak_extra_rss_megabytes):
@@ -250,7 +248,7 @@ _BIG = ((16, 64, 32, 32), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), 1, (0, 0), Fal
 def test_peak_memory_compiled_on_a_2_gib_unfold_shape(peak_extra_rss_megabytes, monkeypatch):
     monkeypatch.setenv(cpu.COMPILE_ENV, "1")
     if not cpu.compiler_enabled():
-        pytest.skip(f"inductor unavailable here: {cpu._compiler_failure}")
+        pytest.skip(f"inductor unavailable here: {common._compiler_failure}")
     for name, call in _backend_calls(_BIG, ("paper", "exact")).items():
         call()  # compile first: compilation is not what is being bounded
         peak = peak_extra_rss_megabytes(call)

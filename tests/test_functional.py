@@ -1,4 +1,4 @@
-"""The public layer (issue 2): forward and both gradient modes against the float64 reference,
+"""The public layer: forward and both gradient modes against the float64 reference,
 argument conventions of conv2d, layouts, errors, and torch.compile. Runs the CPU path (see conftest)."""
 
 import numpy as np
@@ -7,33 +7,14 @@ import torch
 import torch.nn.functional as F
 
 import triton_adder
+from tests import cases
 from tests.tolerance import assert_matches_reference
-from triton_adder import reference
+from triton_adder import backends, reference
 from triton_adder.functional import resolve_geometry
 
-# (N, Cin, H, W, Cout, kernel, stride, padding, dilation, groups, bias): odd sizes so that no
-# tile or chunk boundary can hide behind a power of two. Pairwise-style coverage, not a full
-# product, because each new shape costs a compile on the CPU path.
-CASES = [
-    (5, 7, 11, 13, 3, 3, 1, 0, 1, 1, False),
-    (2, 4, 11, 13, 6, 3, 2, 1, 1, 2, True),
-    (2, 3, 9, 7, 5, (3, 2), (3, 1), (2, 1), (2, 1), 1, True),
-    (1, 6, 10, 9, 6, 3, 1, "same", 2, 6, False),  # depthwise, dilated "same"
-    (3, 4, 8, 8, 4, 2, 1, "same", 1, 1, True),  # even kernel: asymmetric "same" padding
-    (2, 5, 7, 12, 7, 1, 2, 0, 1, 1, False),  # 1x1 stride-2 downsample
-    (2, 6, 6, 5, 4, 3, 1, "valid", 1, 2, False),
-]
-
-
-def _inputs(case, dtype=torch.float32, seed=0):
-    n, cin, h, w, cout, k, stride, padding, dilation, groups, bias = case
-    gen = torch.Generator().manual_seed(seed)
-    kh, kw = (k, k) if isinstance(k, int) else k
-    x = torch.randn(n, cin, h, w, generator=gen).to(dtype)
-    weight = torch.randn(cout, cin // groups, kh, kw, generator=gen).to(dtype)
-    b = torch.randn(cout, generator=gen).to(dtype) if bias else None
-    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    return x, weight, b, kwargs
+# The public-API layer grid (adder2d arguments, odd sizes) and its inputs.
+CASES = cases.FORWARD_CASES
+_inputs = cases.forward_inputs
 
 
 def _expected(x, weight, b, kwargs):
@@ -241,32 +222,13 @@ def test_double_backward_raises_a_clear_error():
         grad_x.sum().backward()
 
 
-def test_dispatch_rules(monkeypatch):
-    from triton_adder import ops
-
-    x = torch.zeros(1)
-    with ops.use_backend(None):
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        assert ops.backend_name(x) == "cpu"
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert ops.backend_name(x) == "triton"
-    with pytest.raises(ValueError, match="backend must be one of"):
-        with ops.use_backend("cuda"):
-            pass
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="Triton backend needs CUDA tensors"):
-        triton_adder.adder2d(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1))
-
-
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]])
 def test_triton_backend_through_the_op(case):
-    """The op's Triton dispatch (kernels + config lookup), forward and paper gradients, vs the reference."""
-    from triton_adder import ops
-
+    """The op's Triton backend (kernels + config lookup), forward and paper gradients, vs the reference."""
     x, weight, b, kwargs = _inputs(case, seed=3)
     x.requires_grad_()
     weight.requires_grad_()
-    with ops.use_backend("triton"):
+    with backends.use_backend("triton"):
         y = triton_adder.adder2d(x, weight, b, **kwargs)
         grad_out = torch.randn_like(y)
         y.backward(grad_out)

@@ -1,25 +1,22 @@
-"""Forward Triton kernel (issue 3) against the float64 reference: the core forward grid, launch
-configs whose tiles do not divide the problem, layouts, dtypes, int64 indexing and config errors
-(the sm_90 SASS instruction-mix check is in tests/test_sass.py). Without CUDA the kernel runs under
-TRITON_INTERPRET=1, so shapes and tiles stay tiny (interpreter cost grows with the tile)."""
+"""Forward Triton kernel (triton_adder.kernels.forward) against the float64 reference: the core
+forward grid (tests/cases.py FORWARD_CASES), launch configs whose tiles do not divide the problem,
+layouts, dtypes, int64 indexing and config errors (the sm_90 SASS instruction-mix screen is tested in
+tests/test_sass.py). Without CUDA the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py), so
+shapes and tiles stay tiny (interpreter cost grows with the tile)."""
 
-import os
+import re
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # harmless when conftest already set it
-
-import re  # noqa: E402
-
-import pytest  # noqa: E402
-
-from tests.test_functional import CASES, _inputs  # noqa: E402  (the core issue's forward grid)
-from tests.tolerance import assert_matches_reference  # noqa: E402
-from triton_adder import reference  # noqa: E402
-from triton_adder.functional import resolve_geometry  # noqa: E402
-from triton_adder.kernels import forward as fwd  # noqa: E402
-from triton_adder.kernels.launch_config import KernelConfig  # noqa: E402
+from tests.cases import FORWARD_CASES as CASES
+from tests.cases import forward_inputs as _inputs
+from tests.tolerance import assert_matches_reference
+from triton_adder import reference
+from triton_adder.contract import INT32_LIMIT, needs_int64_indexing
+from triton_adder.functional import resolve_geometry
+from triton_adder.kernels import forward as fwd
+from triton_adder.kernels.launch_config import KernelConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"
@@ -127,12 +124,18 @@ def test_empty_batch_returns_empty_output():
 
 def test_int64_flag_follows_tensor_extent():
     small = torch.empty(2, 3, 4, 5, device="meta")
-    huge = torch.empty(2**31, device="meta")  # meta: no memory
-    strided = torch.empty(2, 3, device="meta").as_strided((2, 3), (2**31, 1))
-    assert not fwd.needs_int64_indexing(small)
-    assert fwd.needs_int64_indexing(small, huge)
-    assert fwd.needs_int64_indexing(strided)
-    assert not fwd.needs_int64_indexing(torch.empty(2**31 - 1, device="meta"))
+    huge = torch.empty(INT32_LIMIT, device="meta")  # meta: no memory
+    strided = torch.empty(2, 3, device="meta").as_strided((2, 3), (INT32_LIMIT, 1))
+    assert not needs_int64_indexing(small)
+    assert needs_int64_indexing(small, huge)
+    assert needs_int64_indexing(strided)
+    assert not needs_int64_indexing(torch.empty(INT32_LIMIT - 1, device="meta"))
+    geom = resolve_geometry((1, 1), (1, 1))
+    weight = torch.empty(1, 1, 1, 1, device="meta")
+    x_reaching = torch.empty(2, 1, 1, 1, device="meta").as_strided((2, 1, 1, 1), (INT32_LIMIT, 1, 1, 1))
+    y = torch.empty(2, 1, 1, 1, device="meta")
+    # The launcher switches at the threshold where the gradient kernels refuse.
+    assert fwd.kernel_launch(x_reaching, weight, None, y, geom, KernelConfig(16, 16, 4))[2]["USE_INT64"] is True
 
 
 def test_int64_indexing_path_matches_reference():

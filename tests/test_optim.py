@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from triton_adder import Adder2d, ops
+from triton_adder import Adder2d, backends
 from triton_adder.geometry import Conv2dGeometry
 from triton_adder.optim import PUBLISHED_ETA, adaptive_lr_, adder_weights
 from triton_adder.reference import adder2d_backward, adder2d_forward
@@ -181,7 +181,7 @@ def _ddp_worker(rank: int, rendezvous: str, out_dir: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
-        with ops.use_backend("cpu"):
+        with backends.use_backend("cpu"):
             model = nn.parallel.DistributedDataParallel(_initial_model())
             optimizer = sgd(model)
             x, target = _data()

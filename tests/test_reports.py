@@ -1,8 +1,8 @@
 """The HTML report: parses, every chart drawn, table numbers equal the DataFrame's, escaping, and a real
 headless browser shows it without console errors or network requests.
 
-The page is rendered from synthetic benchmark rows (fast, every section populated); bench.py itself is
-exercised end to end in tests/test_bench.py.
+The page is rendered from synthetic benchmark rows (fast, every section populated); the measurements
+themselves are exercised end to end in tests/test_bench.py.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from triton_adder import reports
 from tests import browser
-from triton_adder import bench, report
-from triton_adder.bench import COLUMNS, LayerShape
+from triton_adder import report, reports
 from triton_adder.functional import resolve_geometry
+from triton_adder.geometry import LayerShape
+from triton_adder.measure import baselines
+from triton_adder.measure.derived import COLUMNS, CPU_NOTE, derive
 
 HOSTILE = "<script>alert('x')</script> & \"q\" $x$"
 CEILING = {"fp32_instructions_per_s": 3.3e13,
@@ -30,7 +31,7 @@ CEILING = {"fp32_instructions_per_s": 3.3e13,
 GPU_METADATA = {"device": "Synthetic GPU", "device_kind": "cuda", "model": "toy", "torch": "x", "triton": "y",
                 "cudnn": "z", "driver": "d", "git revision": "r", "date": "2025-01-01T00:00:00+00:00",
                 "command line": "python -m triton_adder.tune --model toy", "ceiling method": "synthetic"}
-CPU_METADATA = {**GPU_METADATA, "device": "Synthetic CPU", "device_kind": "cpu", "note": bench.CPU_NOTE}
+CPU_METADATA = {**GPU_METADATA, "device": "Synthetic CPU", "device_kind": "cpu", "note": CPU_NOTE}
 # Every chart the page draws (data-chart names); each must be a non-empty SVG for the synthetic rows.
 CHARTS = ["latency-forward", "latency-input-gradient", "latency-weight-gradient", "element-rate-forward",
           "percent-of-ceiling-forward", "element-rate-gradients", "percent-of-ceiling-gradients", "tuned-gain",
@@ -38,7 +39,7 @@ CHARTS = ["latency-forward", "latency-input-gradient", "latency-weight-gradient"
 
 
 def synthetic_frame(model: str = "toy", metadata: dict = GPU_METADATA, layer_names=None) -> pd.DataFrame:
-    """Raw rows shaped like bench.measure's (two layers, all ops, one skipped baseline) -> derive()."""
+    """Raw rows shaped like measure's (two layers, all ops, one skipped baseline) -> derive()."""
     rng = np.random.default_rng(0)
     shapes = [LayerShape(4, 8, 9, 9, 16, 3, 3, resolve_geometry((9, 9), (3, 3), 1, 1)),
               LayerShape(4, 16, 9, 9, 8, 1, 1, resolve_geometry((9, 9), (1, 1), 2, 0))]
@@ -59,7 +60,7 @@ def synthetic_frame(model: str = "toy", metadata: dict = GPU_METADATA, layer_nam
             for variant in ("tuned", "default"):
                 row(shape, name, family=family, op=f"adder_{family}", variant=variant, role="adder", baseline_key="",
                     backend="triton", config="{'block_m': 64}")
-        for precision in bench.CONV_PRECISIONS:
+        for precision in baselines.CONV_PRECISIONS:
             dtype = "float32" if precision in ("fp32", "tf32") else precision
             row(shape, name, family="forward", op="conv2d", variant=precision, role="baseline",
                 baseline_key=f"conv2d_{precision}", backend="torch", dtype=dtype)
@@ -67,8 +68,8 @@ def synthetic_frame(model: str = "toy", metadata: dict = GPU_METADATA, layer_nam
             row(shape, name, family=family, op=f"conv2d_{family}", variant="fp32", role="baseline",
                 baseline_key="conv2d_fp32", backend="torch")
         for op in ("unfold_broadcast", "cdist_l1"):
-            required = float(bench.unfold_broadcast_bytes(shape, 4) if op == "unfold_broadcast" else
-                             bench.cdist_bytes(shape, 4))
+            required = float(baselines.unfold_broadcast_bytes(shape, 4) if op == "unfold_broadcast" else
+                             baselines.cdist_bytes(shape, 4))
             skipped = op == "unfold_broadcast" and index == 1
             row(shape, name, family="forward", op=op, variant="fp32", role="baseline", baseline_key=op,
                 backend="torch", required_memory_bytes=required,
@@ -89,7 +90,7 @@ def synthetic_frame(model: str = "toy", metadata: dict = GPU_METADATA, layer_nam
     for column in COLUMNS:
         if column not in frame:
             frame[column] = math.nan
-    return bench.derive(frame[COLUMNS], dict(metadata, model=model), CEILING)
+    return derive(frame[COLUMNS], dict(metadata, model=model), CEILING)
 
 
 class PageParser(HTMLParser):
@@ -172,7 +173,7 @@ def page(written):
 def cpu_page():
     """A CPU run: the ceiling is unknown (NaN), the page must say so and why charts are missing."""
     rows = synthetic_frame(metadata=CPU_METADATA)
-    return report.build_report(bench.derive(rows.drop(columns=["ceiling_rate"]), rows.attrs["metadata"])).to_html()
+    return report.build_report(derive(rows.drop(columns=["ceiling_rate"]), rows.attrs["metadata"])).to_html()
 
 
 def test_page_parses_and_every_svg_is_well_formed_xml(page):
@@ -266,8 +267,8 @@ def test_page_is_self_contained(page):
 
 def test_cpu_run_says_so_at_the_top(cpu_page, page):
     body = cpu_page[cpu_page.index("<body>"):]
-    assert body.index(bench.CPU_NOTE) < body.index("<h1>")
-    assert bench.CPU_NOTE not in page and 'class="notice"' not in page
+    assert body.index(CPU_NOTE) < body.index("<h1>")
+    assert CPU_NOTE not in page and 'class="notice"' not in page
 
 
 def test_raw_rows_round_trip_and_cli_rerenders(frame, written, tmp_path, capsys):

@@ -15,11 +15,12 @@ import os
 import pytest
 import torch
 
-from triton_adder import reports
 from tests.tolerance import assert_matches_reference
-from triton_adder import Adder2d, bench, models, reference, report, tune
+from triton_adder import Adder2d, bench, models, reference, report, reports, tune
 from triton_adder.autotune import lookup as configs
+from triton_adder.autotune import problems, spaces, tunables, tuner
 from triton_adder.functional import resolve_geometry
+from triton_adder.geometry import LayerShape
 from triton_adder.kernels import forward
 from triton_adder.kernels.launch_config import KernelConfig
 from triton_adder.tuning import WallClockBenchmarker, search
@@ -41,34 +42,35 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def test_parse_ops():
-    assert tune.parse_ops("fwd,bwd") == ("forward", "grad_input", "grad_weight")
-    assert tune.parse_ops("bwd, fwd") == ("grad_input", "grad_weight", "forward")
-    assert tune.parse_ops("grad_weight") == ("grad_weight",)
+    assert spaces.parse_ops("fwd,bwd") == ("forward", "grad_input", "grad_weight")
+    assert spaces.parse_ops("bwd, fwd") == ("grad_input", "grad_weight", "forward")
+    assert spaces.parse_ops("grad_weight") == ("grad_weight",)
     with pytest.raises(ValueError, match="--ops entries must be among"):
-        tune.parse_ops("fwd,backward")
+        spaces.parse_ops("fwd,backward")
 
 
 def test_collect_problems_lenet5bn():
-    problems = tune.collect_problems(models.build("lenet5bn"), (1, 1, 28, 28))
-    assert [(p.layers, p.x_shape, p.weight_shape) for p in problems] == [
+    found = problems.collect_problems(models.build("lenet5bn"), (1, 1, 28, 28))
+    assert [(p.layers, p.x_shape, p.weight_shape) for p in found] == [
         ([name], x, w) for name, x, w in LENET_PROBLEMS
     ]
 
 
 def test_collect_problems_merges_repeated_layers():
     model = models.build("resnet20")
-    problems = tune.collect_problems(model, (4, 3, 32, 32))
-    layers = [name for p in problems for name in p.layers]
+    found = problems.collect_problems(model, (4, 3, 32, 32))
+    layers = [name for p in found for name in p.layers]
     adder_layers = [name for name, m in model.named_modules() if type(m).__name__ == "Adder2d"]
     assert sorted(layers) == sorted(adder_layers)  # every adder layer, once
-    assert len(problems) < len(adder_layers)
-    assert len({(p.x_shape, p.weight_shape, p.geom) for p in problems}) == len(problems)
-    assert all(p.x_shape[0] == 4 for p in problems)
+    assert len(found) < len(adder_layers)
+    assert len({(p.x_shape, p.weight_shape, p.geom) for p in found}) == len(found)
+    assert all(p.x_shape[0] == 4 for p in found)
 
 
 def test_full_space_prunes_to_configs_the_launcher_accepts():
-    problem = tune.LayerProblem(["layer"], (1, 16, 9, 7), (24, 16, 3, 3), resolve_geometry((9, 7), (3, 3), 1, 1))
-    tunable = tune.make_tunable("forward", problem, torch.float32, torch.device("cpu"), False, quick=False)
+    shape = LayerShape.of((1, 16, 9, 7), (24, 16, 3, 3), resolve_geometry((9, 7), (3, 3), 1, 1))
+    problem = problems.LayerProblem(["layer"], shape)
+    tunable = tunables.make_tunable("forward", problem, torch.float32, torch.device("cpu"), False, quick=False)
     valid = [c for c in tunable.space if not tunable.violations(c)]
     assert 0 < len(valid) < len(tunable.space)
     for config in valid:
@@ -80,7 +82,7 @@ def test_full_space_prunes_to_configs_the_launcher_accepts():
 
 
 def test_miscompile_check_tolerates_summation_order_only():
-    match = tune.outputs_match(torch.float32, reduction_length=150)
+    match = tunables.outputs_match(torch.float32, reduction_length=150)
     reference_out = torch.randn(2, 8, 5, 5) * 100
     assert match(reference_out + 1e-5 * torch.randn_like(reference_out), reference_out)
     broken = reference_out.clone()
@@ -94,8 +96,8 @@ def test_miscompile_check_tolerates_summation_order_only():
 def test_backward_tunable_on_smallest_lenet_layer(op):
     _, x_shape, w_shape = LENET_PROBLEMS[2]
     geom = resolve_geometry(x_shape[2:], w_shape[2:])
-    problem = tune.LayerProblem(["conv4"], x_shape, w_shape, geom)
-    tunable = tune.make_tunable(op, problem, torch.float32, torch.device("cpu"), False, quick=True)
+    problem = problems.LayerProblem(["conv4"], LayerShape.of(x_shape, w_shape, geom))
+    tunable = tunables.make_tunable(op, problem, torch.float32, torch.device("cpu"), False, quick=True)
     result = search(tunable, WallClockBenchmarker(warmup=0, repeats=1), budget_s=60)
     assert result.best is not None and result.functional and not result.failures
     # The reduced space: the default and one other BLOCK_M, unless that tile exceeds the problem.
@@ -142,7 +144,7 @@ def test_cli_end_to_end_lenet5bn_quick(cache_dir, tmp_path, capsys, monkeypatch)
     def no_search(*args, **kwargs):
         raise AssertionError("a cached problem was tuned again")
 
-    monkeypatch.setattr(tune, "search", no_search)
+    monkeypatch.setattr(tuner, "search", no_search)
     assert tune.main([*argv, "--no-report"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if " forward " in line]
     assert len(table) == 3 and all("cached" in line for line in table)
@@ -167,8 +169,8 @@ def test_cli_end_to_end_lenet5bn_quick(cache_dir, tmp_path, capsys, monkeypatch)
 )
 def test_interpreter_problem_keeps_the_layer_type(x_shape, weight_shape, stride, padding, dilation, groups):
     geom = resolve_geometry(x_shape[2:], weight_shape[2:], stride, padding, dilation, groups)
-    real = tune.LayerProblem(["layer"], x_shape, weight_shape, geom)
-    small = tune.interpreter_problem(real, divisor=2, spatial_cap=8)
+    real = problems.LayerProblem(["layer"], LayerShape.of(x_shape, weight_shape, geom))
+    small = problems.interpreter_problem(real, divisor=2, spatial_cap=8)
     assert small.x_shape[0] == 1 and small.reduced_from is real
     assert small.x_shape[1] == groups * math.ceil(x_shape[1] // groups / 2)
     assert small.weight_shape == (groups * math.ceil(weight_shape[0] // groups / 2), small.x_shape[1] // groups,
@@ -179,7 +181,7 @@ def test_interpreter_problem_keeps_the_layer_type(x_shape, weight_shape, stride,
     # The shrunk geometry is the one conv2d's rule (the same padding rule as the real layer) gives.
     assert small.geom == resolve_geometry(small.x_shape[2:], weight_shape[2:], stride, padding, dilation, groups)
     # ... and the kernel computes it (forward against the float64 reference).
-    tunable = tune.make_tunable("forward", small, torch.float32, torch.device("cpu"), False, quick=True)
+    tunable = tunables.make_tunable("forward", small, torch.float32, torch.device("cpu"), False, quick=True)
     generator = torch.Generator().manual_seed(0)
     x, w = torch.randn(small.x_shape, generator=generator), torch.randn(small.weight_shape, generator=generator)
     expected = reference.adder2d_forward(x.double(), w.double(), None, small.geom)
@@ -192,13 +194,13 @@ def test_interpreter_problem_keeps_the_layer_type(x_shape, weight_shape, stride,
 
 
 def test_channel_divisor_is_one_power_of_two_for_the_model():
-    problems = tune.collect_problems(models.build("resnet50"), (2, 3, 224, 224))
-    assert tune.channel_divisor(problems, channel_cap=64) == 32  # 2048 -> 64
-    assert tune.channel_divisor(problems, channel_cap=2048) == 1
-    lenet = tune.collect_problems(models.build("lenet5bn"), (1, 1, 28, 28))
-    assert tune.channel_divisor(lenet, channel_cap=64) == 2  # 120 -> 60
+    found = problems.collect_problems(models.build("resnet50"), (2, 3, 224, 224))
+    assert problems.channel_divisor(found, channel_cap=64) == 32  # 2048 -> 64
+    assert problems.channel_divisor(found, channel_cap=2048) == 1
+    lenet = problems.collect_problems(models.build("lenet5bn"), (1, 1, 28, 28))
+    assert problems.channel_divisor(lenet, channel_cap=64) == 2  # 120 -> 60
     with pytest.raises(ValueError, match="channel_cap must be >= 1"):
-        tune.channel_divisor(lenet, channel_cap=0)
+        problems.channel_divisor(lenet, channel_cap=0)
 
 
 def one_layer(layer):
@@ -206,7 +208,7 @@ def one_layer(layer):
 
 
 def test_cli_default_run_shrinks_problems_and_writes_the_report(cache_dir, tmp_path, capsys, monkeypatch):
-    """No flags: functional run on shrunk problems, then the report under results/reports/<model>-cpu/."""
+    """No flags: functional run on shrunk problems, then the report under runs/<model>-cpu/ (not committed)."""
     measured = {}
     real_measure = bench.measure
 
@@ -230,7 +232,7 @@ def test_cli_default_run_shrinks_problems_and_writes_the_report(cache_dir, tmp_p
     assert measured["model"] == "lenet5bn" and measured["batch"] == 2
     assert measured["backend"] == "cpu" and measured["device"].type == "cpu"
 
-    out_dir = tmp_path / "reports" / "results" / "lenet5bn-cpu"
+    out_dir = tmp_path / "runs" / "lenet5bn-cpu"
     html = (out_dir / "report.html").read_text()
     assert "FUNCTIONAL RUN, NOT GPU TIMINGS" in html and "not GPU timings" in html
     assert html.count("2x6x14x14-&gt;16 5x5 s1 p0") >= 1 and "1x3x8x8-&gt;8 5x5 s1 p0" in html
@@ -312,3 +314,24 @@ def test_cli_refuses_the_interpreter_on_a_gpu_machine(cache_dir, capsys, monkeyp
     with pytest.raises(SystemExit):
         tune.main(["--model", "lenet5bn", "--cache-dir", str(cache_dir)])
     assert "TRITON_INTERPRET is set on a machine with a GPU" in capsys.readouterr().err
+
+
+def test_cache_dir_is_the_override_else_the_user_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(configs.CACHE_DIR_ENV, str(tmp_path / "mine"))
+    assert configs.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv(configs.CACHE_DIR_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert configs.cache_dir() == tmp_path / "xdg" / "triton-adder"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert configs.cache_dir() == tmp_path / "home" / ".cache" / "triton-adder"
+
+
+def test_problem_key_is_the_layer_shape():
+    geom = resolve_geometry((9, 7), (3, 3), 2, 1, 1, 2)
+    shape = LayerShape.of((3, 16, 9, 7), (24, 8, 3, 3), geom)
+    assert configs.problem_key(shape) == {
+        "batch": 3, "in_channels": 16, "height": 9, "width": 7, "out_channels": 24, "kernel": [3, 3],
+        "stride": [2, 2], "padding": [1, 1], "dilation": [1, 1], "groups": 2, "out_size": list(geom.out_size),
+    }
+    assert problems.LayerProblem(["layer"], shape).cache_problem() == configs.problem_key(shape)

@@ -10,11 +10,8 @@ import operator
 
 import torch
 
-from triton_adder import ops
+from triton_adder import contract, ops
 from triton_adder.geometry import Conv2dGeometry
-
-GRAD_MODES = ("paper", "exact")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _int(value) -> int | None:
@@ -103,8 +100,8 @@ def _check_tensors(input: torch.Tensor, weight: torch.Tensor, bias, groups: int)
         raise ValueError(f"weight kernel size must be at least 1x1, got weight shape {tuple(weight.shape)}")
     if min(input.shape[-2:]) < 1:
         raise ValueError(f"input height and width must be at least 1 (as in conv2d), got shape {tuple(input.shape)}")
-    if input.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"input dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {input.dtype}")
+    if input.dtype not in contract.SUPPORTED_DTYPES:
+        raise TypeError(f"input dtype must be one of {[str(d) for d in contract.SUPPORTED_DTYPES]}, got {input.dtype}")
     if weight.dtype != input.dtype:
         raise TypeError(f"weight dtype ({weight.dtype}) must match input dtype ({input.dtype})")
     if weight.device != input.device:
@@ -162,8 +159,8 @@ def adder2d(
     """
     groups = _positive_int(groups, "groups")
     _check_tensors(input, weight, bias, groups)
-    if grad_mode not in GRAD_MODES:
-        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    if grad_mode not in contract.GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {contract.GRAD_MODES}, got {grad_mode!r}")
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)

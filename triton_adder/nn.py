@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from triton_adder.functional import GRAD_MODES, _pair, _positive_int, adder2d
+from triton_adder.contract import GRAD_MODES
+from triton_adder.functional import _pair, _positive_int, adder2d
 
 
 class Adder2d(nn.Module):

@@ -1,78 +1,23 @@
-"""torch.library registration of the adder op: custom op, fake (meta) kernel, autograd, dispatch.
+"""torch.library registration of the adder op: custom op, fake (meta) kernel, autograd.
 
 Three custom ops (forward, input gradient, weight gradient) so that `torch.compile(fullgraph=True)`
 traces models with adder layers, forward and backward: the compiler sees opaque ops with fake
-implementations that only compute shapes. Each op dispatches at run time:
-
-- CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set: the Triton kernels
-  (`triton_adder.kernels`), with the launch config the tuner cached for this shape, if any;
-- other CPU tensors: the memory-bounded CPU path (`triton_adder.backends.cpu`).
-
-`use_backend` forces one of them (tests use it to run both paths in one process).
+implementations that only compute shapes. At run time each op calls the backend that
+`triton_adder.backends.select_backend` picks for its tensors (the Triton kernels or the torch
+backend).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from types import ModuleType
-
 import torch
 
+from triton_adder import contract
+from triton_adder.backends import backend_for
 from triton_adder.geometry import Conv2dGeometry
-
-BACKENDS = ("cpu", "triton")
-_forced_backend: str | None = None
-
-
-@contextlib.contextmanager
-def use_backend(name: str | None):
-    """Force backend `name` ("cpu", "triton" or None for automatic) inside the `with` block."""
-    global _forced_backend
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
-    previous, _forced_backend = _forced_backend, name
-    try:
-        yield
-    finally:
-        _forced_backend = previous
-
-
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def backend_name(x: torch.Tensor) -> str:
-    """Which backend runs for tensors like `x` (see the module docstring)."""
-    if _forced_backend is not None:
-        return _forced_backend
-    return "triton" if x.is_cuda or triton_interpreter_enabled() else "cpu"
-
-
-def _backend(x: torch.Tensor) -> ModuleType:
-    if backend_name(x) == "cpu":
-        from triton_adder.backends import cpu  # noqa: PLC0415  (imports torch.compile machinery lazily)
-
-        return cpu
-    if not (x.is_cuda or triton_interpreter_enabled()):
-        raise RuntimeError(
-            f"the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
-            f"to run on CPU tensors; got a tensor on {x.device}"
-        )
-    from triton_adder.backends import triton as dispatch  # noqa: PLC0415  (imports triton lazily)
-
-    return dispatch
 
 
 def _geometry(stride, padding, dilation, groups, out_size) -> Conv2dGeometry:
     return Conv2dGeometry(tuple(stride), tuple(padding), tuple(dilation), int(groups), tuple(out_size))
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is laid out that way (and not also NCHW-contiguous), else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 @torch.library.custom_op("triton_adder::adder2d", mutates_args=())
@@ -91,14 +36,14 @@ def _adder2d_forward(
     geom = _geometry(stride, padding, dilation, groups, out_size)
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0], *geom.out_size))
-    y = _backend(x).forward(x, weight, bias, geom)
-    return y.contiguous(memory_format=_memory_format(x))
+    y = backend_for(x).forward(x, weight, bias, geom)
+    return y.contiguous(memory_format=contract.memory_format(x))
 
 
 @_adder2d_forward.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, out_size, grad_mode):
     shape = (x.shape[0], weight.shape[0], out_size[0], out_size[1])
-    return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
+    return x.new_empty(shape).contiguous(memory_format=contract.memory_format(x))
 
 
 @torch.library.custom_op("triton_adder::adder2d_grad_input", mutates_args=())
@@ -116,13 +61,13 @@ def _adder2d_grad_input(
     if x.shape[0] == 0:
         return torch.zeros_like(x)
     geom = _geometry(stride, padding, dilation, groups, out_size)
-    grad_x = _backend(x).grad_input(grad_out, x, weight, geom, grad_mode)
-    return grad_x.contiguous(memory_format=_memory_format(x))
+    grad_x = backend_for(x).grad_input(grad_out, x, weight, geom, grad_mode)
+    return grad_x.contiguous(memory_format=contract.memory_format(x))
 
 
 @_adder2d_grad_input.register_fake
 def _(grad_out, x, weight, stride, padding, dilation, groups, out_size, grad_mode):
-    return torch.empty_like(x, memory_format=_memory_format(x))
+    return torch.empty_like(x, memory_format=contract.memory_format(x))
 
 
 @torch.library.custom_op("triton_adder::adder2d_grad_weight", mutates_args=())
@@ -140,7 +85,7 @@ def _adder2d_grad_weight(
     if x.shape[0] == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
     geom = _geometry(stride, padding, dilation, groups, out_size)
-    return _backend(x).grad_weight(grad_out, x, weight, geom, grad_mode).contiguous()
+    return backend_for(x).grad_weight(grad_out, x, weight, geom, grad_mode).contiguous()
 
 
 @_adder2d_grad_weight.register_fake

@@ -1,4 +1,4 @@
-"""The benchmark report: `triton_adder.bench` rows -> one self-contained HTML page (+ CSV, JSON).
+"""The benchmark report: `triton_adder.measure` rows -> one self-contained HTML page (+ CSV, JSON).
 
     python -m triton_adder.report results.json              # re-render a saved run next to it
     python -m triton_adder.report results.json -o page.html
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from triton_adder import reports
-from triton_adder.bench import CPU_NOTE, ENERGY_PJ_ADD, ENERGY_PJ_MULTIPLY, derive
+from triton_adder.measure.derived import CPU_NOTE, ENERGY_PJ_ADD, ENERGY_PJ_MULTIPLY, derive
 
 # Baselines in the order a reader compares against them, with their display names.
 BASELINES = {
@@ -124,7 +124,7 @@ def _tuning_section(report: reports.Report, tuning: pd.DataFrame, metadata: dict
 
 def build_report(frame: pd.DataFrame, metadata: dict | None = None, title: str | None = None,
                  tuning: pd.DataFrame | None = None) -> reports.Report:
-    """The report page for `bench.measure` rows (metadata defaults to frame.attrs["metadata"]).
+    """The report page for `triton_adder.measure.loops.measure` rows (metadata defaults to frame.attrs["metadata"]).
 
     tuning: the tuner's table (`triton_adder.tune.rows_frame`), shown in its own section when given.
     """
@@ -236,12 +236,12 @@ def _slug(text: str) -> str:
 
 
 def default_output_dir(metadata: dict) -> Path:
-    """results/reports/<model>-<device>/ under the current directory (the repository root, when run from there).
+    """runs/<model>-<device>/ under the current directory: never a committed folder (/runs/ is git-ignored).
 
     <device> is the GPU's name on CUDA and "cpu" otherwise (the CPU model is in the page's metadata).
     """
     device = metadata.get("device", "device") if metadata.get("device_kind", "cuda") == "cuda" else "cpu"
-    return Path("reports") / "results" / f"{_slug(metadata.get('model', 'model'))}-{_slug(device)}"
+    return Path("runs") / f"{_slug(metadata.get('model', 'model'))}-{_slug(device)}"
 
 
 def write_report(frame: pd.DataFrame, metadata: dict | None = None, out_dir: str | Path | None = None,

@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from triton_adder import data
-from triton_adder.functional import GRAD_MODES
+from triton_adder.contract import GRAD_MODES
 from triton_adder.models import build
 from triton_adder.nn import Adder2d
 from triton_adder.optim import PUBLISHED_ETA, adaptive_lr_
@@ -62,36 +63,30 @@ def run_name(model: str, adder: bool, grad_mode: str = "paper", adaptive_lr: boo
     return f"{model}-adder-{grad_mode}" + ("-alr" if adaptive_lr else "")
 
 
-class ProgressBar:
-    """A one-line progress bar on a stream (stderr), redrawn in place; no dependency."""
+def epoch_progress(total: int, description: str, stream=None) -> tqdm:
+    """A tqdm bar over one epoch's `total` steps, on stderr by default.
 
-    def __init__(self, total: int, prefix: str, stream=None, width: int = 24, interval_s: float = 0.2):
-        self.total, self.prefix, self.width, self.interval_s = total, prefix, width, interval_s
-        self.stream = sys.stderr if stream is None else stream
-        # On a terminal the line is redrawn at most every interval_s; into a file or pipe only the
-        # final line of each bar is written, so logs stay one line per epoch.
-        self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = self.last_draw = time.perf_counter()
+    On a terminal the bar is redrawn in place (at most every 0.2 s). Into a file or pipe nothing is
+    written until `close_epoch_progress`, so logs stay one line per epoch.
+    """
+    stream = sys.stderr if stream is None else stream
+    live = hasattr(stream, "isatty") and stream.isatty()
+    bar = tqdm(total=total, desc=description, file=stream, mininterval=0.2, leave=True, disable=not live)
+    bar.label, bar.stream = description, stream  # a disabled tqdm keeps neither `desc` nor `fp`
+    return bar
 
-    def update(self, done: int, postfix: str = "") -> None:
-        now = time.perf_counter()
-        if self.live and now - self.last_draw >= self.interval_s:
-            self.last_draw = now
-            self._draw(done, postfix)
 
-    def _draw(self, done: int, postfix: str) -> None:
-        filled = self.width * done // max(self.total, 1)
-        elapsed = time.perf_counter() - self.start
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(
-            f"{chr(13) if self.live else ''}{self.prefix} [{bar}] {done}/{self.total} {elapsed:6.1f}s {postfix}"
-        )
-        self.stream.flush()
-
-    def close(self, postfix: str = "") -> None:
-        self._draw(self.total, postfix)
-        self.stream.write("\n")
-        self.stream.flush()
+def close_epoch_progress(bar: tqdm, postfix: str) -> None:
+    """Finish `bar` with `postfix`: redrawn on a terminal, written as one line into a file or pipe."""
+    if not bar.disable:
+        bar.set_postfix_str(postfix, refresh=False)
+        bar.close()
+        return
+    elapsed = bar.format_dict["elapsed"]
+    line = tqdm.format_meter(bar.total, bar.total, elapsed, prefix=bar.label, postfix=postfix)
+    bar.stream.write(line + "\n")
+    bar.stream.flush()
+    bar.close()
 
 
 @torch.no_grad()
@@ -155,7 +150,7 @@ def train(
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(len(train_split.labels), generator=shuffle)
-        bar = ProgressBar(steps_per_epoch, f"{name} epoch {epoch}/{epochs}") if progress else None
+        bar = epoch_progress(steps_per_epoch, f"{name} epoch {epoch}/{epochs}") if progress else None
         loss_sum, correct, seen = 0.0, 0, 0
         epoch_lr = optimizer.param_groups[0]["lr"]
         for step in range(steps_per_epoch):
@@ -175,7 +170,8 @@ def train(
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
             if bar is not None:
-                bar.update(step + 1, f"loss {loss_sum / seen:.4f} acc {100.0 * correct / seen:.2f}%")
+                bar.set_postfix_str(f"loss {loss_sum / seen:.4f} acc {100.0 * correct / seen:.2f}%", refresh=False)
+                bar.update()
         held_out_loss, held_out_accuracy = evaluate(model, held_out)
         row = {
             "epoch": epoch,
@@ -190,7 +186,8 @@ def train(
         if output_dir is not None:  # the curve so far survives an interrupted run
             write_curve(Path(output_dir), name, curve)
         if bar is not None:
-            bar.close(
+            close_epoch_progress(
+                bar,
                 f"loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2f}% | "
                 f"held-out loss {held_out_loss:.4f} acc {held_out_accuracy:.2f}%"
             )

@@ -7,7 +7,7 @@ Tuned configs for known GPUs ship as read-only JSON in ``tuning/configs/``.
 """
 
 from .benchmark import CudaEventBenchmarker, Measurement, WallClockBenchmarker, benchmarker_for
-from .cache import CacheHit, DeviceIdentity, TuningCache, bucket, device_identity, file_lock, user_cache_dir
+from .cache import CacheHit, DeviceIdentity, TuningCache, bucket, device_identity
 from .search import Evaluation, TuningResult, search
 from .space import (
     Config,
@@ -40,9 +40,7 @@ __all__ = [
     "config_key",
     "device_identity",
     "estimate_at_most",
-    "file_lock",
     "next_power_of_two",
     "search",
     "tile_within",
-    "user_cache_dir",
 ]

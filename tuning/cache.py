@@ -13,17 +13,16 @@ exact bucket, then the nearest bucket of the same family (everything but the bat
 None (the caller's heuristic default). Entries from another kernel hash never match (the hash
 is in the key), entries from another Triton version are ignored.
 
-Never pickle. Writes take an exclusive lock on a sidecar ``.lock`` file, re-read the file,
-merge, and atomically replace it, so two tuners at once lose nothing. A file that does not
-parse is moved aside (``.corrupt-<time>``) with a warning and rebuilt. Read-only "shipped"
-directories (tuned configs for known GPUs) sit beneath the user's cache: a user entry wins
-over a shipped entry with the same key.
+Never pickle. Writes take an exclusive lock (`filelock.FileLock`) on a sidecar ``.lock`` file,
+re-read the file, merge, and atomically replace it (temp file + os.replace), so two tuners at
+once lose nothing. A file that does not parse is moved aside (``.corrupt-<time>``) with a
+warning and rebuilt. Read-only "shipped" directories (tuned configs for known GPUs) sit beneath
+the user's cache: a user entry wins over a shipped entry with the same key.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -35,6 +34,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from .space import next_power_of_two
 
@@ -84,14 +85,6 @@ def device_identity(device) -> DeviceIdentity:
     return DeviceIdentity(f"{kind}", "interpreter", triton_version())
 
 
-def user_cache_dir(app_name: str, env_var: str | None = None) -> Path:
-    """$env_var if set, else $XDG_CACHE_HOME/app_name, else ~/.cache/app_name (platformdirs' Linux rule)."""
-    if env_var and os.environ.get(env_var):
-        return Path(os.environ[env_var]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / app_name
-
-
 def bucket(value: int) -> int:
     """The batch bucket of `value`: the next power of two."""
     return next_power_of_two(value)
@@ -105,49 +98,6 @@ class CacheHit:
     entry: dict
     match: str
     source: str
-
-
-@contextlib.contextmanager
-def file_lock(lock_path: Path, timeout_s: float = 60.0):
-    """Exclusive inter-process lock on `lock_path` (fcntl.flock on Linux/macOS).
-
-    Elsewhere, falls back to an O_EXCL lock file; one older than `timeout_s` is taken to be left by
-    a crashed process and broken.
-    """
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    if fcntl is not None:
-        with open(lock_path, "a+") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        return
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except OSError as error:
-            if error.errno != errno.EEXIST:
-                raise
-            with contextlib.suppress(OSError):
-                if time.time() - os.path.getmtime(lock_path) > timeout_s:
-                    os.unlink(lock_path)
-                    continue
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"could not lock {lock_path} within {timeout_s} s") from error
-            time.sleep(0.05)
-    try:
-        yield
-    finally:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(lock_path)
 
 
 def _canonical(value: Any) -> str:
@@ -228,7 +178,7 @@ class TuningCache:
         try:
             return self._parse(text, self.path)
         except (ValueError, KeyError, TypeError) as error:
-            with file_lock(self.lock_path):
+            with FileLock(self.lock_path):
                 return self._recover_corrupt(error)
 
     def _recover_corrupt(self, error: Exception) -> dict[str, dict]:
@@ -352,7 +302,7 @@ class TuningCache:
         """Add or replace entries: lock, re-read the file (keeping other processes' entries), merge, replace."""
         new = {self._entry_key(e): dict(e) for e in entries}
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        with file_lock(self.lock_path):
+        with FileLock(self.lock_path):
             try:
                 current = self._parse(self.path.read_text(), self.path)
             except FileNotFoundError:

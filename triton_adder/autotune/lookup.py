@@ -6,8 +6,9 @@
 The cache lives in ``$TRITON_ADDER_CACHE_DIR``, else ``$XDG_CACHE_HOME/triton-adder``, else
 ``~/.cache/triton-adder``, one JSON file per device identity (GPU name, compute capability, Triton
 version; the interpreter is its own identity), above the configs shipped in ``tuning/configs/``.
-An entry is keyed by op, kernel source hash, dtype, memory layout and the problem (`problem_key`),
-batch bucketed to a power of two: lookup takes the exact bucket, then the nearest one, then None.
+An entry is keyed by op, kernel source hash, dtype, memory layout and the problem (`problem_key`
+of its `geometry.LayerShape`), batch bucketed to a power of two: lookup takes the exact bucket,
+then the nearest one, then None.
 Timings taken by wall clock (interpreter/CPU) are never used on a GPU.
 
 Every answer is memoised per (op, device, dtype, shapes, strides, geometry), so after the first
@@ -17,14 +18,17 @@ call it too after changing $TRITON_ADDER_CACHE_DIR in a running process).
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
+import platformdirs
 import torch
 
-from triton_adder.geometry import Conv2dGeometry
+from triton_adder.contract import layout_name
+from triton_adder.geometry import Conv2dGeometry, LayerShape
 from triton_adder.kernels.launch_config import KernelConfig
-from triton_adder.tuning import DeviceIdentity, TuningCache, device_identity, user_cache_dir
+from triton_adder.tuning import DeviceIdentity, TuningCache, device_identity
 
 OPS = ("forward", "grad_input", "grad_weight")
 CACHE_DIR_ENV = "TRITON_ADDER_CACHE_DIR"
@@ -36,8 +40,12 @@ _identities: dict[torch.device, DeviceIdentity] = {}
 
 
 def cache_dir() -> Path:
-    """The user's tuning cache directory ($TRITON_ADDER_CACHE_DIR, else the user cache dir)."""
-    return user_cache_dir(APP_NAME, CACHE_DIR_ENV)
+    """The user's tuning cache directory: $TRITON_ADDER_CACHE_DIR, else the platform's user cache
+    directory for "triton-adder" (``$XDG_CACHE_HOME/triton-adder`` or ``~/.cache/triton-adder`` on Linux)."""
+    override = os.environ.get(CACHE_DIR_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
 
 
 def kernel_hash(op: str) -> str:
@@ -47,45 +55,33 @@ def kernel_hash(op: str) -> str:
 
         return KERNEL_SOURCE_HASH
     if op == "grad_input":
-        from triton_adder.kernels.backward import GRAD_INPUT_KERNEL_HASH
+        from triton_adder.kernels.grad_input import GRAD_INPUT_KERNEL_HASH
 
         return GRAD_INPUT_KERNEL_HASH
     if op == "grad_weight":
-        from triton_adder.kernels.backward import GRAD_WEIGHT_KERNEL_HASH
+        from triton_adder.kernels.grad_weight import GRAD_WEIGHT_KERNEL_HASH
 
         return GRAD_WEIGHT_KERNEL_HASH
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
-def layout(x: torch.Tensor) -> str:
-    """Memory layout name of activation x (N, C, H, W): "contiguous", "channels_last" or "strided"."""
-    if x.is_contiguous():
-        return "contiguous"
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    return "strided"
-
-
-def problem_key(x_shape, weight_shape, geom: Conv2dGeometry) -> dict:
+def problem_key(shape: LayerShape) -> dict:
     """The problem an adder layer call solves, as the cache keys it (JSON-serialisable).
 
-    x_shape (N, Cin, H, W), weight_shape (Cout, Cin/groups, kh, kw); "batch" is the field the
-    cache buckets to a power of two.
+    "batch" is the field the cache buckets to a power of two.
     """
-    n, cin, h, w = (int(v) for v in x_shape)
-    cout, _, kh, kw = (int(v) for v in weight_shape)
     return {
-        "batch": n,
-        "in_channels": cin,
-        "height": h,
-        "width": w,
-        "out_channels": cout,
-        "kernel": [kh, kw],
-        "stride": list(geom.stride),
-        "padding": list(geom.padding),
-        "dilation": list(geom.dilation),
-        "groups": int(geom.groups),
-        "out_size": list(geom.out_size),
+        "batch": shape.batch,
+        "in_channels": shape.cin,
+        "height": shape.h,
+        "width": shape.w,
+        "out_channels": shape.cout,
+        "kernel": [shape.kh, shape.kw],
+        "stride": list(shape.geom.stride),
+        "padding": list(shape.geom.padding),
+        "dilation": list(shape.geom.dilation),
+        "groups": int(shape.geom.groups),
+        "out_size": list(shape.geom.out_size),
     }
 
 
@@ -130,8 +126,8 @@ def lookup(op: str, x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry)
             op,
             kernel_hash(op),
             str(x.dtype).removeprefix("torch."),
-            layout(x),
-            problem_key(x.shape, weight.shape, geom),
+            layout_name(x),
+            problem_key(LayerShape.of(x.shape, weight.shape, geom)),
             allow_functional=x.device.type != "cuda",  # a wall-clock ranking says nothing about a GPU
         )
         if hit is not None:

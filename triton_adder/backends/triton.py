@@ -1,10 +1,17 @@
 """The Triton backend as `ops` calls it: look up the tuned launch config, then launch.
 
 Implements the backend contract (`forward`, `grad_input`, `grad_weight`). The config comes from
-the tuner's cache (`triton_adder.autotune.lookup.lookup`, memoised per shape); None makes each launcher
-use its heuristic default. float64 has no kernel (no fast float64 path exists on these GPUs, and
-the kernels are written for float32 accumulation), so float64 tensors take the portable
-torch path in `triton_adder.backends.cpu`, which is written with device-agnostic torch operations.
+the tuner's cache (`triton_adder.autotune.lookup.lookup`, memoised per shape); None makes each
+launcher use its heuristic default. float64 has no kernel path here (no fast float64 path exists
+on these GPUs, and the kernels are written for float32 accumulation), so float64 tensors take the
+portable torch path in `triton_adder.backends.cpu`, which is written with device-agnostic torch
+operations.
+
+The weight gradient has two methods, and which one a call takes is this backend's policy:
+
+- "triton": the split-reduction kernel `triton_adder.kernels.grad_weight` (both grad modes);
+- "conv_identity": `triton_adder.backends.conv_identity` (paper mode only; exact mode needs a sign
+  per element, so it always takes the kernel).
 """
 
 from __future__ import annotations
@@ -12,9 +19,22 @@ from __future__ import annotations
 import torch
 
 from triton_adder.autotune import lookup as configs
+from triton_adder.backends import conv_identity
 from triton_adder.geometry import Conv2dGeometry
-from triton_adder.kernels import backward
 from triton_adder.kernels import forward as forward_kernel
+from triton_adder.kernels import grad_input as grad_input_kernel
+from triton_adder.kernels import grad_weight as grad_weight_kernel
+from triton_adder.kernels.gradients import check_grad_mode, check_operands
+from triton_adder.kernels.launch_config import KernelConfig, check_config
+
+GRAD_WEIGHT_METHODS = ("triton", "conv_identity")
+
+DEFAULT_GRAD_WEIGHT_METHOD = {"cuda": "conv_identity", "cpu": "conv_identity"}
+"""Per device type, the faster weight-gradient method for grad_mode="paper". Both are one
+multiply-add per reduced element, but the kernel's sm_90 loop issues 1.8-1.9 instructions per
+element (SASS screen, see `kernels.grad_weight.default_grad_weight_config`) where cuDNN's tuned FFMA
+loops come near 1, and the identity's correction is a cheap (Cout,) reduction: the identity is the
+default until a GPU measurement says otherwise. The interpreter is far slower than aten on the CPU."""
 
 
 def _portable(x: torch.Tensor) -> bool:
@@ -34,13 +54,54 @@ def grad_input(grad_out, x, weight, geom: Conv2dGeometry, grad_mode: str) -> tor
         from triton_adder.backends import cpu  # noqa: PLC0415
 
         return cpu.grad_input(grad_out, x, weight, geom, grad_mode)
-    return backward.grad_input(grad_out, x, weight, geom, grad_mode, configs.lookup("grad_input", x, weight, geom))
+    config = configs.lookup("grad_input", x, weight, geom)
+    return grad_input_kernel.grad_input(grad_out, x, weight, geom, grad_mode, config)
 
 
-def grad_weight(grad_out, x, weight, geom: Conv2dGeometry, grad_mode: str) -> torch.Tensor:
-    if _portable(x):
+def default_grad_weight_method(device: torch.device, grad_mode: str) -> str:
+    """The weight-gradient method a call takes when none is named: exact mode needs the kernel."""
+    if grad_mode == "exact":
+        return "triton"
+    return DEFAULT_GRAD_WEIGHT_METHOD.get(torch.device(device).type, "triton")
+
+
+def grad_weight(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    geom: Conv2dGeometry,
+    grad_mode: str,
+    *,
+    method: str | None = None,
+    config: KernelConfig | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """Weight gradient (Cout, Cin/groups, kh, kw), contiguous, in weight's dtype.
+
+    method: "triton", "conv_identity" (paper mode only) or None (`default_grad_weight_method`;
+    float64 operands then take the portable path). config and split_k apply to the kernel: config
+    None takes the tuner's cached config for this shape, else the kernel's heuristic default; a
+    config given with method="conv_identity" is still checked, and unused.
+    """
+    if method is None and config is None and split_k is None and _portable(x):
         from triton_adder.backends import cpu  # noqa: PLC0415
 
         return cpu.grad_weight(grad_out, x, weight, geom, grad_mode)
-    config = configs.lookup("grad_weight", x, weight, geom)
-    return backward.grad_weight(grad_out, x, weight, geom, grad_mode, config)
+    check_grad_mode(grad_mode)
+    if method is None:
+        method = default_grad_weight_method(x.device, grad_mode)
+    if method not in GRAD_WEIGHT_METHODS:
+        raise ValueError(f"method must be one of {GRAD_WEIGHT_METHODS} or None, got {method!r}")
+    if method == "conv_identity" and grad_mode == "exact":
+        raise ValueError(
+            "method='conv_identity' computes the paper's gradient (X - W) only; grad_mode='exact' needs "
+            "sign(X - W) per element: use method='triton' or None"
+        )
+    if method == "conv_identity":
+        if config is not None:
+            check_config(config)
+        check_operands(grad_out, x, weight, geom)
+        return conv_identity.grad_weight(grad_out, x, weight, geom)
+    if config is None:
+        config = configs.lookup("grad_weight", x, weight, geom)
+    return grad_weight_kernel.grad_weight(grad_out, x, weight, geom, grad_mode, config, split_k)

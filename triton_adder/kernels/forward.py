@@ -20,22 +20,17 @@ format. Index math is int32 unless a tensor has 2^31 elements or more (constexpr
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-
 import torch
 import triton
 import triton.language as tl
 
+from triton_adder.contract import KERNEL_DTYPES, memory_format, needs_int64_indexing, next_power_of_two
 from triton_adder.geometry import Conv2dGeometry
-from triton_adder.kernels.launch_config import KernelConfig
+from triton_adder.kernels.launch_config import MAX_ACCUMULATORS_PER_THREAD, KernelConfig, check_config, source_hash
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# Knob limits specific to this kernel (KernelConfig.validate covers the generic ranges).
-MAX_BLOCK_K = 64  # BLOCK_K rank-1 updates are unrolled: compile time grows linearly with it
-MAX_ACCUMULATORS_PER_THREAD = 128  # 255 registers per thread; beyond this the accumulator alone spills
-INT32_LIMIT = 2**31
+MAX_BLOCK_K = 64
+"""Largest BLOCK_K this kernel takes: its BLOCK_K rank-1 updates are unrolled, so compile time grows
+linearly with it (KernelConfig.validate covers the generic ranges)."""
 
 
 @triton.jit
@@ -118,36 +113,20 @@ def adder2d_forward_kernel(
     tl.store(y_ptrs, y_tile.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & t_valid[None, :])
 
 
-KERNEL_SOURCE_HASH = hashlib.sha256(inspect.getsource(adder2d_forward_kernel.fn).encode()).hexdigest()
+KERNEL_SOURCE_HASH = source_hash(adder2d_forward_kernel)
 """sha256 of the kernel source: the tuner's cache keys on it so a kernel change invalidates winners."""
-
-
-def _next_power_of_two(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
-
-
-def _max_element_offset(t: torch.Tensor) -> int:
-    """Largest element offset a kernel can form from t's strides (numel - 1 when contiguous)."""
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
-
-
-def needs_int64_indexing(*tensors: torch.Tensor) -> bool:
-    """True when some tensor has 2^31 elements or more, or strides reaching that far: int32 would wrap."""
-    return any(t.numel() >= INT32_LIMIT or _max_element_offset(t) >= INT32_LIMIT for t in tensors)
 
 
 def validate_config(config: KernelConfig, argument: str = "config") -> KernelConfig:
     """Check the generic ranges (KernelConfig.validate) and the limits of this kernel; return config."""
-    if not isinstance(config, KernelConfig):
-        raise ValueError(f"{argument} must be a KernelConfig or None, got {type(config).__name__}")
-    config.validate(argument)
+    check_config(config, argument)
     if config.block_k > MAX_BLOCK_K:
         raise ValueError(
             f"{argument}.block_k must be at most {MAX_BLOCK_K} for the forward kernel (its BLOCK_K steps are "
             f"unrolled), got {config.block_k}"
         )
     threads = 32 * config.num_warps
-    per_thread = config.block_m * config.block_n / threads
+    per_thread = config.accumulators_per_thread()
     if per_thread > MAX_ACCUMULATORS_PER_THREAD:
         raise ValueError(
             f"{argument}: block_m * block_n / (32 * num_warps) = {config.block_m}*{config.block_n}/{threads} = "
@@ -157,35 +136,29 @@ def validate_config(config: KernelConfig, argument: str = "config") -> KernelCon
     return config
 
 
-def output_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last if x is stored channels_last (and not also NCHW-contiguous), else contiguous."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def default_config(x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry) -> KernelConfig:
     """Heuristic launch config for one shape, used when the tuner has nothing cached.
 
     BLOCK_N follows Cout/groups (no idle columns for depthwise layers) up to 64, BLOCK_M fills
     ~64 float32 accumulators per thread at 4 warps, BLOCK_K is 4 and never above Cin/groups.
-    Screened on sm_90 SASS (`python -m triton_adder.kernels.sass --all-defaults`): no spills and
+    Screened on sm_90 SASS (`python benchmarks/sass_screen.py --all-defaults`): no spills and
     ~2.4-2.6 instructions per element; BLOCK_K 8 spilled at 1x1 (128x64), 16 outputs per group
     (512x16) and 16-bit inputs; 64x64x8 (4 warps) and 128x128x4 (8 warps) spilled thousands.
     """
     outputs_per_group = weight.shape[0] // geom.groups
     channels_per_group = weight.shape[1]
     m = x.shape[0] * geom.out_size[0] * geom.out_size[1]
-    block_n = min(64, _next_power_of_two(outputs_per_group))
-    block_m = min(8192 // block_n, 1024, max(16, _next_power_of_two(m)))
-    block_k = min(4, _next_power_of_two(channels_per_group))
+    block_n = min(64, next_power_of_two(outputs_per_group))
+    block_m = min(8192 // block_n, 1024, max(16, next_power_of_two(m)))
+    block_k = min(4, next_power_of_two(channels_per_group))
     return KernelConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=4, num_stages=2)
 
 
 def kernel_launch(x, weight, bias, y, geom: Conv2dGeometry, config: KernelConfig):
     """(grid, positional args, keyword args) for adder2d_forward_kernel writing into y.
 
-    Shared by `forward` and the SASS screening script, so both see the same specialisation.
+    Shared by `forward` and the SASS screen (benchmarks/sass_screen.py), so both see the same
+    specialisation.
     """
     n, cin, h, w = x.shape
     cout, channels_per_group, kh, kw = weight.shape
@@ -227,8 +200,8 @@ def forward(
     Returns y (N, Cout, Ho, Wo) in x's dtype and memory format; accumulation is float32.
     config: launch config; None takes `default_config(x, weight, geom)`.
     """
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"x.dtype must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    if x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"x.dtype must be one of {KERNEL_DTYPES}, got {x.dtype}")
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(
             f"weight and bias must have x's dtype {x.dtype}, got {weight.dtype}"
@@ -236,7 +209,7 @@ def forward(
         )
     config = validate_config(default_config(x, weight, geom) if config is None else config)
     n, cout = x.shape[0], weight.shape[0]
-    y = torch.empty((n, cout, *geom.out_size), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    y = torch.empty((n, cout, *geom.out_size), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     if y.numel() == 0:
         return y
     grid, args, kwargs = kernel_launch(x, weight, bias, y, geom, config)

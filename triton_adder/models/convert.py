@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from triton_adder.functional import GRAD_MODES
+from triton_adder.contract import GRAD_MODES
 from triton_adder.nn import Adder2d
 
 

@@ -6,34 +6,34 @@ innermost loop (the body of the hottest backward branch) is counted by instructi
 instruction is issued once per warp and does one lane's work, so per-thread counts divided by the
 elements each thread reduces per loop iteration give instructions per reduced element.
 
-Targets (issue 3): float32 at most 2.2 FP32 ALU instructions per element (floor 2: FADD x - w, then
-FADD acc + |d|), no SHFL in the loop, no LDL/STL anywhere (spills). The backward kernels (issue 4)
-get the same 10% over their floor in paper mode: grad_input 2.2 (FADD.SAT, FFMA), grad_weight 1.1
+Targets: float32 at most 2.2 FP32 ALU instructions per element (floor 2: FADD x - w, then
+FADD acc + |d|), no SHFL in the loop, no LDL/STL anywhere (spills). The gradient kernels get the
+same 10% over their floor in paper mode: grad_input 2.2 (FADD.SAT, FFMA), grad_weight 1.1
 (FFMA); exact mode (sign) has no target and is reported only. Run without TRITON_INTERPRET:
 
-    python -m triton_adder.kernels.sass --dtype float32 --block 128 64 8 --warps 4
-    python -m triton_adder.kernels.sass --all-defaults      # the heuristic default on model shapes
-    python -m triton_adder.kernels.sass --kernel grad_input --all-defaults    # backward kernels too
-    python -m triton_adder.kernels.sass --kernel grad_weight --grad-mode exact --shape 64 128 28 28 --cout 128
+    python benchmarks/sass_screen.py --dtype float32 --block 128 64 8 --warps 4
+    python benchmarks/sass_screen.py --all-defaults      # the heuristic default on model shapes
+    python benchmarks/sass_screen.py --kernel grad_input --all-defaults    # backward kernels too
+    python benchmarks/sass_screen.py --kernel grad_weight --grad-mode exact --shape 64 128 28 28 --cout 128
 
 `--kernel` picks the forward kernel (an element is one |x - w| term), `grad_input_kernel` (one
 gY * clamp(W - X) term, paper eq. 6: floor 2 FP32 instructions, FADD.SAT + FFMA) or
 `grad_weight_kernel` (one gY * X term, paper eq. 5: floor 1, an FFMA); each is compiled through its
 launch helper (`kernel_launch`, `grad_input_launch`, `grad_weight_launch`), so the specialisation
 is the launcher's. The hottest loop is the one with the most FADD |.| (forward) or FP32 instructions
-(backward), then the longest.
+(gradients), then the longest.
 
 Measured with Triton 3.9 (sm_90 compile on a CPU box; instructions per reduced element in the loop,
 layer 32x64x56x56, 64 out, 3x3; "spill" = LDL/STL anywhere in the kernel):
 - float32 128x64x4 / 4 warps (default): FP32 2.000, total 2.47, 249 regs, no spill, no SHFL;
   128x64x8: 2.000 / 2.55, 198 regs, no spill (but spills on a 1x1 layer); 256x64x8 / 8 warps and
   64x64x8 / 4 warps spill (the latter 8.1 per element: per-element loads and index math).
-- first version (output offsets via div/mod in the store layout): epilogue spilled 68-212 LDL/STL.
+- output offsets via div/mod in the store layout (not adopted): the epilogue spilled 68-212 LDL/STL.
 - float16/bfloat16, widened to float32 at load (adopted): FP32 2.000, total 2.50 at 128x64x4.
   Difference formed in float16, summed in float32: 0.5 HADD2 + 1.0 HADD2.F32 convert + 1.0 FADD,
   total 4.14 (PRMT packing, scalar LDS.U16). Partial sums over BLOCK_K in float16 (packed HADD2
   both times): 1.0 HADD2 + 0.125 convert + 0.125 FADD, total 2.22, but spills at 128x64x8 and
-  rounds every partial sum to float16: not adopted (issue 3 asks for float32 accumulation).
+  rounds every partial sum to float16: not adopted (the forward accumulates in float32).
 
 The compile path mirrors Triton's launcher (same argument specialisation: divisibility by 16,
 ints equal to 1), through `JITFunction` internals of Triton 3.x; it is a developer tool, not an API.
@@ -50,6 +50,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+
+from triton_adder.contract import GRAD_MODES, memory_format
+from triton_adder.geometry import Conv2dGeometry
+from triton_adder.kernels import forward as fwd
+from triton_adder.kernels import grad_input as gi
+from triton_adder.kernels import grad_weight as gw
+from triton_adder.kernels.launch_config import KernelConfig
 
 # Instruction classes, by opcode (the text before the first '.'); HADD2.F32 is a half->float convert.
 OPCODE_CLASSES = {
@@ -245,8 +252,6 @@ def loop_mix(
 
 def _meta_layer(dtype, shape, cout, kernel_size, stride, padding, groups, channels_last):
     """(x, weight, geom) on the meta device: shapes and strides only, nothing allocated."""
-    from triton_adder.geometry import Conv2dGeometry  # noqa: PLC0415
-
     n, cin, h, w = shape
     kh, kw = kernel_size
     ho = (h + 2 * padding - kh) // stride + 1
@@ -271,13 +276,11 @@ def forward_mix(
     channels_last=False,
 ):
     """Compile the forward kernel for one layer shape and launch config; return (inner-loop mix, config)."""
-    from triton_adder.kernels import forward as fwd  # noqa: PLC0415
-
     x, weight, geom = _meta_layer(dtype, shape, cout, kernel_size, stride, padding, groups, channels_last)
     n, cin = shape[:2]
     kh, kw = kernel_size
     config = fwd.validate_config(fwd.default_config(x, weight, geom) if config is None else config)
-    y = torch.empty((n, cout, *geom.out_size), dtype=dtype, device="meta", memory_format=fwd.output_memory_format(x))
+    y = torch.empty((n, cout, *geom.out_size), dtype=dtype, device="meta", memory_format=memory_format(x))
     _, args, kwargs = fwd.kernel_launch(x, weight, None, y, geom, config)
     compiled = compile_for_sm90(fwd.adder2d_forward_kernel, args, kwargs)
     threads = 32 * config.num_warps
@@ -303,16 +306,14 @@ def grad_input_mix(
     An element is one (input position, input channel, output channel) term of one tap, so the loop's
     BLOCK_K unrolled output channels give BLOCK_M * BLOCK_N * BLOCK_K / threads elements per thread.
     """
-    from triton_adder.kernels import backward  # noqa: PLC0415
-
     x, weight, geom = _meta_layer(dtype, shape, cout, kernel_size, stride, padding, groups, channels_last)
     if config is None:
-        config = backward.default_grad_input_config(x.shape, weight.shape, geom, "cuda")
+        config = gi.default_grad_input_config(x.shape, weight.shape, geom, "cuda")
     config = config.validate("config")
     grad_out = torch.empty((shape[0], cout, *geom.out_size), dtype=dtype, device="meta")
     grad_x = torch.empty_like(x)
-    _, args, kwargs = backward.grad_input_launch(grad_out, x, weight, grad_x, geom, grad_mode, config)
-    compiled = compile_for_sm90(backward.grad_input_kernel, args, kwargs)
+    _, args, kwargs = gi.grad_input_launch(grad_out, x, weight, grad_x, geom, grad_mode, config)
+    compiled = compile_for_sm90(gi.grad_input_kernel, args, kwargs)
     threads = 32 * config.num_warps
     tile = config.block_m * config.block_n
     # Without a loop (output channels per group resolved at compile time): every reaching tap once.
@@ -338,21 +339,19 @@ def grad_weight_mix(
 
     An element is one (output channel, input channel, n*p*q) term, so the loop's BLOCK_K unrolled
     reduction steps give BLOCK_M * BLOCK_N * BLOCK_K / threads elements per thread. The split of the
-    reduction is `backward.default_split_k` on the meta device (counted as 1 SM, so fewer splits than
+    reduction is `kernels.grad_weight.default_split_k` on the meta device (counted as 1 SM, so fewer splits than
     on a GPU): the split count only changes the run-time scalar L_PER_SPLIT, not the loop.
     """
-    from triton_adder.kernels import backward  # noqa: PLC0415
-
     x, weight, geom = _meta_layer(dtype, shape, cout, kernel_size, stride, padding, groups, channels_last)
     if config is None:
-        config = backward.default_grad_weight_config(x.shape, weight.shape, geom, "cuda")
+        config = gw.default_grad_weight_config(x.shape, weight.shape, geom, "cuda")
     config = config.validate("config")
     cg, kh, kw = weight.shape[1:]
-    split_k, l_per_split = backward.grad_weight_split(shape[0], weight.shape, geom, config, x.device)
+    split_k, l_per_split = gw.grad_weight_split(shape[0], weight.shape, geom, config, x.device)
     grad_out = torch.empty((shape[0], cout, *geom.out_size), dtype=dtype, device="meta")
     partial = torch.empty((split_k, cout, cg, kh, kw), dtype=torch.float32, device="meta")
-    _, args, kwargs = backward.grad_weight_launch(grad_out, x, weight, partial, geom, grad_mode, config, l_per_split)
-    compiled = compile_for_sm90(backward.grad_weight_kernel, args, kwargs)
+    _, args, kwargs = gw.grad_weight_launch(grad_out, x, weight, partial, geom, grad_mode, config, l_per_split)
+    compiled = compile_for_sm90(gw.grad_weight_kernel, args, kwargs)
     threads = 32 * config.num_warps
     tile = config.block_m * config.block_n
     marker, name = HOT_LOOP_MARKERS["grad_weight"]
@@ -406,11 +405,9 @@ SCREEN_SHAPES = [
 
 
 def main(argv=None):
-    from triton_adder.kernels.launch_config import KernelConfig  # noqa: PLC0415
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", default="forward", choices=sorted(KERNEL_MIXES), help="which kernel to compile")
-    parser.add_argument("--grad-mode", default="paper", choices=["paper", "exact"], help="backward kernels only")
+    parser.add_argument("--grad-mode", default="paper", choices=GRAD_MODES, help="gradient kernels only")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--block", type=int, nargs=3, metavar=("M", "N", "K"), help="default: heuristic")
     parser.add_argument("--warps", type=int, default=4)

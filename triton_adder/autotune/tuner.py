@@ -1,0 +1,120 @@
+"""Tune every (unique layer problem, op) of a model that the cache does not hold yet.
+
+Each winner is stored as soon as it is found, so an interrupted run resumes where it stopped.
+The search itself is the generic `triton_adder.tuning`; `tunables.make_tunable` describes each
+problem to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from triton_adder import models
+from triton_adder.autotune import lookup
+from triton_adder.autotune.problems import channel_divisor, collect_problems, interpreter_problem
+from triton_adder.autotune.tunables import make_tunable
+from triton_adder.models.census import MODEL_INPUT_SIZE
+from triton_adder.tuning import TuningCache, TuningResult, benchmarker_for, search
+
+Progress = Callable[[int, int, str], None]
+"""A progress callback: (steps done, total steps, label of the step starting now)."""
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    layer: str
+    op: str
+    shape: str  # the problem that ran (N x Cin x H x W -> Cout kernel stride padding)
+    status: str  # "tuned", "cached", "failed"
+    model_shape: str = ""  # the model's own layer, where the run was shrunk (functional run)
+    config: dict | None = None
+    time_s: float | None = None
+    default_time_s: float | None = None
+    runs: int = 0
+    failures: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float | None:
+        if not self.time_s or self.default_time_s is None:
+            return None
+        return self.default_time_s / self.time_s
+
+
+def tune_model(
+    model_name: str,
+    batch_size: int,
+    dtype: torch.dtype,
+    ops: Sequence[str],
+    budget_s: float,
+    cache: TuningCache,
+    device: torch.device,
+    quick: bool,
+    channels_last: bool = False,
+    force: bool = False,
+    grad_mode: str = "paper",
+    progress: Progress | None = None,
+    shrink: bool = False,
+) -> list[Row]:
+    """Tune every (unique layer problem, op) of `model_name` not yet in `cache`; return the table rows.
+
+    shrink: tune `interpreter_problem`s (batch 1, small spatial size, fewer channels) instead of
+    the real problems at `batch_size`: the functional run of a machine without a GPU.
+    """
+    size = MODEL_INPUT_SIZE[model_name]
+    input_shape = (batch_size, models.MODELS[model_name][2], size, size)
+    problems = collect_problems(models.build(model_name, adder=True), input_shape)
+    if shrink:
+        divisor = channel_divisor(problems)
+        problems = [interpreter_problem(problem, divisor) for problem in problems]
+    jobs = [(problem, op) for problem in problems for op in ops]
+    benchmarker = benchmarker_for(device, quick=quick)
+    dtype_name = str(dtype).removeprefix("torch.")
+    layout = "channels_last" if channels_last else "contiguous"  # contract.layout_name of the tunable's x
+    rows = []
+    for done, (problem, op) in enumerate(jobs):
+        layer = problem.layers[0] + (f" (+{len(problem.layers) - 1})" if len(problem.layers) > 1 else "")
+        if progress is not None:
+            progress(done, len(jobs), f"{layer} {op}")
+        key = problem.cache_problem()
+        row = Row(layer, op, problem.shape_text, "tuned",
+                  model_shape=problem.model_shape_text if problem.reduced_from is not None else "")
+        hit = cache.lookup(
+            op, lookup.kernel_hash(op), dtype_name, layout, key,
+            allow_functional=device.type != "cuda", allow_nearest=False,
+        )  # fmt: skip
+        if hit is not None and not force:
+            row.status = "cached" + (" (shipped)" if hit.source == "shipped" else "")
+            row.config, row.time_s, row.default_time_s = hit.config, hit.entry["time_s"], hit.entry["default_time_s"]
+            rows.append(row)
+            continue
+        tunable = make_tunable(op, problem, dtype, device, channels_last, quick, grad_mode)
+        result: TuningResult = search(tunable, benchmarker, budget_s=budget_s)
+        row.runs, row.failures = result.runs, len(result.failures)
+        if result.best is None:
+            row.status = "failed"
+            row.notes.append(result.evaluations[0].error or "default config failed")
+        else:
+            row.config, row.time_s, row.default_time_s = result.best, result.best_time_s, result.default_time_s
+            cache.store([
+                cache.make_entry(
+                    op, lookup.kernel_hash(op), dtype_name, layout, key, result.best,
+                    result.best_time_s, result.default_time_s, result.functional,
+                )
+            ])  # fmt: skip
+            if result.budget_exhausted:
+                row.notes.append("budget reached")
+            if any(e.status == "mismatch" for e in result.evaluations):
+                row.notes.append("a faster config was rejected: output differs from the default's")
+        rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if progress is not None:
+        progress(len(jobs), len(jobs), "done")
+    lookup.clear()
+    return rows
