@@ -1,7 +1,7 @@
 """The adder kernels side by side with cuDNN on a model's adder layers, on one CUDA GPU.
 
     python benchmarks/kernel_vs_cudnn.py [--model resnet50] [--batch 64] [--kernel-size 3] [--quick]
-                                         [--out results/benchmarks] [--max-layers N] [--grad-mode paper]
+                                         [--out runs/benchmarks] [--max-layers N] [--grad-mode paper]
                                          [--variants adder_fp32,conv_fp32,...] [--check-images 2]
 
 The layers are the model's unique adder layers with a kh x kw = kernel-size^2 kernel, as
@@ -562,7 +562,7 @@ def parse_args(argv: Sequence[str] | None):
         action="store_false",
         help="leave torch.backends.cudnn.benchmark off (cuDNN's heuristic algorithm choice)",
     )
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="output folder")
+    parser.add_argument("--out", type=Path, default=Path("runs") / "benchmarks", help="output folder")
     parser.add_argument("--stem", default=None, help="output file stem (default kernel_vs_cudnn_<device>)")
     parser.add_argument(
         "--variants",
