@@ -12,10 +12,6 @@ from tests.tolerance import assert_matches_reference
 from triton_adder import backends, reference
 from triton_adder.functional import resolve_geometry
 
-# The public-API layer grid (adder2d arguments, odd sizes) and its inputs.
-CASES = cases.FORWARD_CASES
-_inputs = cases.forward_inputs
-
 
 def _expected(x, weight, b, kwargs):
     geom = resolve_geometry(tuple(x.shape[-2:]), tuple(weight.shape[2:]), **kwargs)
@@ -26,10 +22,10 @@ def _reduction_length(weight):
     return weight.shape[1] * weight.shape[2] * weight.shape[3]
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", cases.FORWARD_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_forward_matches_reference(case, dtype):
-    x, weight, b, kwargs = _inputs(case, dtype)
+    x, weight, b, kwargs = cases.forward_inputs(case, dtype)
     expected, _ = _expected(x, weight, b, kwargs)
     y = triton_adder.adder2d(x, weight, b, **kwargs)
     assert y.dtype == dtype
@@ -37,8 +33,8 @@ def test_forward_matches_reference(case, dtype):
 
 
 def test_output_size_matches_conv2d():
-    for case in CASES:
-        x, weight, b, kwargs = _inputs(case)
+    for case in cases.FORWARD_CASES:
+        x, weight, b, kwargs = cases.forward_inputs(case)
         assert triton_adder.adder2d(x, weight, b, **kwargs).shape == F.conv2d(x, weight, b, **kwargs).shape
 
 
@@ -52,7 +48,7 @@ def test_padded_taps_contribute_minus_abs_weight():
 
 
 def test_unbatched_and_batch_of_one():
-    x, weight, b, kwargs = _inputs(CASES[1])
+    x, weight, b, kwargs = cases.forward_inputs(cases.FORWARD_CASES[1])
     batched = triton_adder.adder2d(x[:1], weight, b, **kwargs)
     unbatched = triton_adder.adder2d(x[0], weight, b, **kwargs)
     assert unbatched.shape == batched.shape[1:]
@@ -61,7 +57,7 @@ def test_unbatched_and_batch_of_one():
 
 @pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
 def test_layouts_give_same_result(layout):
-    x, weight, b, kwargs = _inputs(CASES[1])
+    x, weight, b, kwargs = cases.forward_inputs(cases.FORWARD_CASES[1])
     expected = triton_adder.adder2d(x, weight, b, **kwargs)
     if layout == "channels_last":
         x_layout = x.contiguous(memory_format=torch.channels_last)
@@ -76,7 +72,7 @@ def test_layouts_give_same_result(layout):
 
 
 def test_empty_batch_returns_empty_output():
-    x, weight, b, kwargs = _inputs(CASES[1])
+    x, weight, b, kwargs = cases.forward_inputs(cases.FORWARD_CASES[1])
     x = x[:0].requires_grad_()
     y = triton_adder.adder2d(x, weight, b, **kwargs)
     assert y.shape == F.conv2d(x, weight, b, **kwargs).shape
@@ -84,10 +80,10 @@ def test_empty_batch_returns_empty_output():
     assert x.grad.shape == x.shape
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", cases.FORWARD_CASES)
 @pytest.mark.parametrize("grad_mode", ["paper", "exact"])
 def test_gradients_match_formulas(case, grad_mode):
-    x, weight, b, kwargs = _inputs(case, seed=1)
+    x, weight, b, kwargs = cases.forward_inputs(case, seed=1)
     x.requires_grad_()
     weight.requires_grad_()
     if b is not None:
@@ -107,7 +103,7 @@ def test_gradients_match_formulas(case, grad_mode):
 
 def test_exact_mode_is_autograd_of_reference():
     # Independent of the hand-written backward formulas: autograd through the float64 reference.
-    x, weight, b, kwargs = _inputs(CASES[2], seed=2)
+    x, weight, b, kwargs = cases.forward_inputs(cases.FORWARD_CASES[2], seed=2)
     x64 = x.double().requires_grad_()
     w64 = weight.double().requires_grad_()
     geom = resolve_geometry(tuple(x.shape[-2:]), tuple(weight.shape[2:]), **kwargs)
@@ -121,7 +117,7 @@ def test_exact_mode_is_autograd_of_reference():
 
 
 def test_gradients_of_low_precision_inputs_keep_dtype():
-    x, weight, b, kwargs = _inputs(CASES[0], torch.float16)
+    x, weight, b, kwargs = cases.forward_inputs(cases.FORWARD_CASES[0], torch.float16)
     x.requires_grad_()
     weight.requires_grad_()
     triton_adder.adder2d(x, weight, **kwargs).sum().backward()
@@ -222,10 +218,10 @@ def test_double_backward_raises_a_clear_error():
         grad_x.sum().backward()
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[3]])
+@pytest.mark.parametrize("case", [cases.FORWARD_CASES[1], cases.FORWARD_CASES[3]])
 def test_triton_backend_through_the_op(case):
     """The op's Triton backend (kernels + config lookup), forward and paper gradients, vs the reference."""
-    x, weight, b, kwargs = _inputs(case, seed=3)
+    x, weight, b, kwargs = cases.forward_inputs(case, seed=3)
     x.requires_grad_()
     weight.requires_grad_()
     with backends.use_backend("triton"):
