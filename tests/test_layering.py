@@ -84,32 +84,93 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_the_cycle_finder_can_fail():
+def kernel_violations(graph: dict[str, set[str]]) -> list[str]:
+    """kernels/ may import only contract, geometry and kernels.* (it receives its launch config)."""
+    return [
+        f"{m} imports {t}"
+        for m, ts in sorted(graph.items())
+        if m.startswith("triton_adder.kernels")
+        for t in sorted(ts)
+        if not t.startswith(KERNEL_MAY_IMPORT)
+    ]
+
+
+def generic_violations(graph: dict[str, set[str]], absolute: dict[str, set[str]]) -> list[str]:
+    """tuning/ and reports/ import nothing of triton_adder, and each other only relatively."""
+    generic = ("triton_adder.tuning", "triton_adder.reports")
+    wrong = [
+        f"{m} imports {t}"
+        for m, ts in sorted(graph.items())
+        if m.startswith(generic)
+        for t in sorted(ts)
+        if not t.startswith(generic)
+    ]
+    wrong += [
+        f"{m} imports {t} by an absolute name (use a relative import)"
+        for m, ts in sorted(absolute.items())
+        if m.startswith(generic)
+        for t in sorted(ts)
+        if t.split(".")[0] in ROOTS
+    ]
+    return wrong
+
+
+def absolute_imports() -> dict[str, set[str]]:
+    """Module -> the absolute names it imports that start with one of the project's folder names."""
+    found = {}
+    for name, path in modules().items():
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names.add(node.module)
+        found[name] = {t for t in names if t.split(".")[0] in ROOTS}
+    return found
+
+
+def describe(cycle: list[str], graph: dict[str, set[str]]) -> str:
+    members = set(cycle)
+    return "; ".join(f"{m} imports {t}" for m in cycle for t in sorted(graph[m] & members))
+
+
+def test_the_checkers_can_fail():
     graph = {"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}, "p": {"p.a"}, "p.d": set()}
     assert cycles(graph) == [["p.a", "p.b", "p.c"]]
     assert cycles({"p": {"p.a"}, "p.a": {"p"}}) == []  # package <-> own submodule
+    assert kernel_violations({"triton_adder.kernels.forward": {"triton_adder.autotune.lookup"}}) == [
+        "triton_adder.kernels.forward imports triton_adder.autotune.lookup"
+    ]
+    assert kernel_violations({"triton_adder.kernels.forward": {"triton_adder.contract"}}) == []
+    assert generic_violations({"triton_adder.tuning.cache": {"triton_adder.contract"}}, {}) == [
+        "triton_adder.tuning.cache imports triton_adder.contract"
+    ]
+    assert generic_violations({}, {"triton_adder.reports.page": {"triton_adder.reports.tables"}}) != []
 
 
-def test_the_graph_reads_lazy_and_relative_imports():
+def test_the_graph_reads_lazy_and_relative_imports(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("def f():\n    from . import b\n    from .c import thing\n")
+    known = {"pkg": package / "__init__.py", **{f"pkg.{m}": package / f"{m}.py" for m in "abc"}}
+    assert imports_of("pkg.a", package / "a.py", known) == {"pkg", "pkg.b", "pkg.c"}
     graph = import_graph()
     assert "triton_adder.tuning.space" in graph["triton_adder.tuning.cache"]  # relative, top of file
     assert any(t.startswith("triton_adder.backends") for t in graph["triton_adder.ops"])
 
 
 def test_no_import_cycles():
-    assert cycles(import_graph()) == []
+    graph = import_graph()
+    found = cycles(graph)
+    assert found == [], "import cycles: " + " | ".join(describe(cycle, graph) for cycle in found)
 
 
 def test_kernels_import_no_backend_op_tuner_or_job():
-    graph = import_graph()
-    wrong = [f"{m} imports {t}" for m, ts in graph.items() if m.startswith("triton_adder.kernels")
-             for t in ts if not t.startswith(KERNEL_MAY_IMPORT)]
+    wrong = kernel_violations(import_graph())
     assert wrong == [], "a kernel receives its config and knows no backend: " + "; ".join(wrong)
 
 
 def test_generic_packages_import_nothing_of_triton_adder():
-    graph = import_graph()
-    generic = ("triton_adder.tuning", "triton_adder.reports")
-    wrong = [f"{m} imports {t}" for m, ts in graph.items() if m.startswith(generic)
-             for t in ts if not t.startswith(generic)]
+    wrong = generic_violations(import_graph(), absolute_imports())
     assert wrong == [], "tuning/ and reports/ must stay generic: " + "; ".join(wrong)

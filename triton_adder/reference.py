@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from triton_adder.contract import GRAD_MODES
 from triton_adder.geometry import Conv2dGeometry
 
 
@@ -68,8 +69,8 @@ def adder2d_backward(grad_out, x, weight, geom: Conv2dGeometry, grad_mode: str =
     grad_mode="exact": dW = sum gY * sign(X - W), dX = sum gY * sign(W - X).
     grad_out: (N, Cout, Ho, Wo). Padded taps receive no input gradient.
     """
-    if grad_mode not in ("paper", "exact"):
-        raise ValueError(f"grad_mode must be 'paper' or 'exact', got {grad_mode!r}")
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
     n, cin, h, wd = x.shape
     cout, cg, kh, kw = weight.shape
     g = geom.groups

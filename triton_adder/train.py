@@ -63,30 +63,40 @@ def run_name(model: str, adder: bool, grad_mode: str = "paper", adaptive_lr: boo
     return f"{model}-adder-{grad_mode}" + ("-alr" if adaptive_lr else "")
 
 
-def epoch_progress(total: int, description: str, stream=None) -> tqdm:
-    """A tqdm bar over one epoch's `total` steps, on stderr by default.
+class EpochProgress:
+    """A tqdm bar over one epoch's `total` steps, on a stream (stderr by default).
 
-    On a terminal the bar is redrawn in place (at most every 0.2 s). Into a file or pipe nothing is
-    written until `close_epoch_progress`, so logs stay one line per epoch.
+    On a terminal tqdm redraws the bar in place (at most every 0.2 s). Into a file or pipe nothing
+    is written until `close`, which writes the finished bar as one line, so logs stay one line per
+    epoch.
     """
-    stream = sys.stderr if stream is None else stream
-    live = hasattr(stream, "isatty") and stream.isatty()
-    bar = tqdm(total=total, desc=description, file=stream, mininterval=0.2, leave=True, disable=not live)
-    bar.label, bar.stream = description, stream  # a disabled tqdm keeps neither `desc` nor `fp`
-    return bar
 
+    def __init__(self, total: int, description: str, stream=None):
+        self.total, self.description = total, description
+        self.stream = sys.stderr if stream is None else stream
+        self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = time.perf_counter()
+        self.bar = tqdm(
+            total=total, desc=description, file=self.stream, mininterval=0.2, leave=True, disable=not self.live
+        )
 
-def close_epoch_progress(bar: tqdm, postfix: str) -> None:
-    """Finish `bar` with `postfix`: redrawn on a terminal, written as one line into a file or pipe."""
-    if not bar.disable:
-        bar.set_postfix_str(postfix, refresh=False)
-        bar.close()
-        return
-    elapsed = bar.format_dict["elapsed"]
-    line = tqdm.format_meter(bar.total, bar.total, elapsed, prefix=bar.label, postfix=postfix)
-    bar.stream.write(line + "\n")
-    bar.stream.flush()
-    bar.close()
+    def update(self, postfix: str = "") -> None:
+        """One step done; `postfix` (running loss and accuracy) follows the bar."""
+        self.bar.set_postfix_str(postfix, refresh=False)
+        self.bar.update()
+
+    def close(self, postfix: str = "") -> None:
+        if self.live:
+            self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.close()
+            return
+        self.bar.close()
+        elapsed = time.perf_counter() - self.start
+        line = tqdm.format_meter(
+            self.total, self.total, elapsed, prefix=self.description, postfix=postfix, ascii=True
+        )
+        self.stream.write(line + "\n")
+        self.stream.flush()
 
 
 @torch.no_grad()
@@ -150,7 +160,7 @@ def train(
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(len(train_split.labels), generator=shuffle)
-        bar = epoch_progress(steps_per_epoch, f"{name} epoch {epoch}/{epochs}") if progress else None
+        bar = EpochProgress(steps_per_epoch, f"{name} epoch {epoch}/{epochs}") if progress else None
         loss_sum, correct, seen = 0.0, 0, 0
         epoch_lr = optimizer.param_groups[0]["lr"]
         for step in range(steps_per_epoch):
@@ -170,8 +180,7 @@ def train(
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
             if bar is not None:
-                bar.set_postfix_str(f"loss {loss_sum / seen:.4f} acc {100.0 * correct / seen:.2f}%", refresh=False)
-                bar.update()
+                bar.update(f"loss {loss_sum / seen:.4f} acc {100.0 * correct / seen:.2f}%")
         held_out_loss, held_out_accuracy = evaluate(model, held_out)
         row = {
             "epoch": epoch,
@@ -186,8 +195,7 @@ def train(
         if output_dir is not None:  # the curve so far survives an interrupted run
             write_curve(Path(output_dir), name, curve)
         if bar is not None:
-            close_epoch_progress(
-                bar,
+            bar.close(
                 f"loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2f}% | "
                 f"held-out loss {held_out_loss:.4f} acc {held_out_accuracy:.2f}%"
             )
