@@ -42,7 +42,7 @@ from triton_adder.autotune.spaces import parse_ops
 from triton_adder.autotune.tuner import Row, tune_model
 from triton_adder.backends import triton_interpreter_enabled
 from triton_adder.contract import DTYPES as ALL_DTYPES
-from triton_adder.contract import KERNEL_DTYPES
+from triton_adder.contract import GRAD_MODES, KERNEL_DTYPES
 from triton_adder.models.census import DEFAULT_GPU_BATCH
 
 __all__ = ["main", "parse_ops", "print_table", "tune_model", "write_report"]
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="without a GPU, tune the model's real problems at --batch-size through the interpreter "
                              "instead of shrunk ones (hours for resnet50)")
     parser.add_argument("--channels-last", action="store_true", help="tune for channels_last activations")
-    parser.add_argument("--grad-mode", choices=("paper", "exact"), default="paper")
+    parser.add_argument("--grad-mode", choices=GRAD_MODES, default="paper")
     parser.add_argument("--force", action="store_true", help="re-tune problems that are already cached")
     args = parser.parse_args(argv)
     try:

@@ -17,7 +17,9 @@ import pandas as pd
 ENERGY_PJ_ADD = 0.9
 ENERGY_PJ_MULTIPLY = 3.7
 
-# Instructions per reduced element on the FP32 pipe (DESIGN.md section 2). Adder forward float32:
+# Instructions per reduced element on the FP32 pipe of the straightforward loops, the ceiling the
+# report divides by (the forward's count is DESIGN.md section 2's; the gradient kernels' compiled
+# loops screen lower, see results/benchmarks/sass_mix.txt). Forward float32:
 # FADD d = x - w, FADD acc += |d| (abs is a free operand modifier). float16/bfloat16: packed
 # 2-wide HADD2, about one instruction per element. Weight gradient (eq. 5): FADD x - w, FFMA
 # with grad_out. Input gradient (eq. 6): FADD w - x, 2 min/max for the clamp, FFMA.
