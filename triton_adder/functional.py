@@ -126,6 +126,27 @@ def _check_tensors(input: torch.Tensor, weight: torch.Tensor, bias, groups: int)
             )
 
 
+def _autocast_operands(input, weight, bias):
+    """(input, weight, bias), cast to the autocast dtype when autocast is on for input's device.
+
+    Mirrors autocast's conv2d policy (lower precision, cast of every floating operand except
+    float64) so that a model whose first, multiplicative layer already returns bfloat16 under
+    autocast feeds its adder layers without a dtype mismatch.
+    """
+    if not isinstance(input, torch.Tensor):
+        return input, weight, bias
+    device_type = input.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
+    return cast(input), cast(weight), cast(bias)
+
+
 def adder2d(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -156,8 +177,14 @@ def adder2d(
     Returns:
         (N, Cout, Ho, Wo), or (Cout, Ho, Wo) for unbatched input, in input's dtype (float16 and
         bfloat16 accumulate in float32).
+
+    Under `torch.autocast` for the input's device, input, weight and bias are first cast to the
+    autocast dtype (float64 operands are left alone), as `F.conv2d` does: the op then runs in
+    that dtype with float32 accumulation, and gradients reach float32 parameters as float32
+    through the cast.
     """
     groups = _positive_int(groups, "groups")
+    input, weight, bias = _autocast_operands(input, weight, bias)
     _check_tensors(input, weight, bias, groups)
     if grad_mode not in contract.GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {contract.GRAD_MODES}, got {grad_mode!r}")

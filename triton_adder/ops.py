@@ -9,11 +9,26 @@ backend).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from triton_adder import contract
 from triton_adder.backends import backend_for
 from triton_adder.geometry import Conv2dGeometry
+
+
+def _without_autocast(x: torch.Tensor):
+    """Autocast off while a backend runs, as aten's autocast wrappers turn it off below their cast.
+
+    The operands already carry the dtype autocast chose (`functional.adder2d` casts them); the
+    backends' own torch calls (the conv identity's conv2d, the CPU path's traced reductions) must
+    compute in that dtype, with float32 accumulation, rather than be cast again.
+    """
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _geometry(stride, padding, dilation, groups, out_size) -> Conv2dGeometry:
@@ -36,7 +51,8 @@ def _adder2d_forward(
     geom = _geometry(stride, padding, dilation, groups, out_size)
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0], *geom.out_size))
-    y = backend_for(x).forward(x, weight, bias, geom)
+    with _without_autocast(x):
+        y = backend_for(x).forward(x, weight, bias, geom)
     return y.contiguous(memory_format=contract.memory_format(x))
 
 
@@ -61,7 +77,8 @@ def _adder2d_grad_input(
     if x.shape[0] == 0:
         return torch.zeros_like(x)
     geom = _geometry(stride, padding, dilation, groups, out_size)
-    grad_x = backend_for(x).grad_input(grad_out, x, weight, geom, grad_mode)
+    with _without_autocast(x):
+        grad_x = backend_for(x).grad_input(grad_out, x, weight, geom, grad_mode)
     return grad_x.contiguous(memory_format=contract.memory_format(x))
 
 
@@ -85,7 +102,9 @@ def _adder2d_grad_weight(
     if x.shape[0] == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
     geom = _geometry(stride, padding, dilation, groups, out_size)
-    return backend_for(x).grad_weight(grad_out, x, weight, geom, grad_mode).contiguous()
+    with _without_autocast(x):
+        grad_w = backend_for(x).grad_weight(grad_out, x, weight, geom, grad_mode)
+    return grad_w.contiguous()
 
 
 @_adder2d_grad_weight.register_fake

@@ -47,6 +47,13 @@ def adaptive_lr_(model_or_params: nn.Module | torch.Tensor | Iterable[torch.Tens
     element. Returns a float32 tensor (L,) of the L2 norms the L scaled gradients had before,
     computed in float32 or wider and kept on the device (no host synchronisation). A gradient norm below
     1e-12 is clamped to 1e-12, as published.
+
+    Where it goes in a step: after ``loss.backward()`` (and DDP's all-reduce) and, with
+    `torch.amp.GradScaler`, after ``scaler.unscale_(optimizer)`` and before
+    ``scaler.step(optimizer)`` (see the module docstring): on a still-scaled gradient the
+    normalisation would cancel the loss scale, and the scaler's later unscaling would then shrink
+    the adder weights' step by the scale. A step the scaler skips (inf/NaN found by ``unscale_``)
+    is skipped whatever this function wrote into the gradients.
     """
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta <= 0:
         raise ValueError(f"eta must be a positive finite number, got {eta!r}")
