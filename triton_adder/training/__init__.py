@@ -1,0 +1,1 @@
+"""Training the zoo (`python -m triton_adder.train`): recipes, datasets, the loop, checkpoints, torchrun."""
