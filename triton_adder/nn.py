@@ -100,3 +100,30 @@ class Adder2d(nn.Module):
         if self.grad_mode != "paper":
             text += f", grad_mode={self.grad_mode!r}"
         return text
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow's "SAME" padding of one axis, (before, after): the output has ceil(size / stride)
+    positions, and the extra padding, when odd, goes after (timm's `Conv2dSame`, TF's conv2d)."""
+    pad = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return pad // 2, pad - pad // 2
+
+
+class Adder2dSame(Adder2d):
+    """`Adder2d` with TensorFlow-style dynamic "same" padding (timm's `Conv2dSame`): the zero padding
+    is computed from each input's size at run time (`same_padding`), so the output has
+    ceil(H / stride) x ceil(W / stride) positions. Its `padding` attribute is (0, 0); the
+    other arguments are `Adder2d`'s."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, **kwargs):
+        if padding not in (0, (0, 0)):
+            raise ValueError(f"padding must be 0 for Adder2dSame (it pads from the input size), got {padding!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, **kwargs)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        top, bottom = same_padding(input.shape[-2], kh, sh, dh)
+        left, right = same_padding(input.shape[-1], kw, sw, dw)
+        # One asymmetric zero pad then a padding-0 adder: the padded taps read 0, as Adder2d's do.
+        input = nn.functional.pad(input, (left, right, top, bottom))
+        return super().forward(input)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
 from triton_adder.contract import GRAD_MODES
-from triton_adder.nn import Adder2d
+from triton_adder.nn import Adder2d, Adder2dSame
+
+TIMM_CONV2D_SAME = ("timm.layers.conv2d_same", "Conv2dSame")
+"""timm's TF-style "same" convolution, matched by module and class name so timm is never imported here."""
 
 
 def convert(
@@ -20,6 +24,7 @@ def convert(
     copy_weights: bool = False,
     grad_mode: str = "paper",
     inplace: bool = False,
+    mapping: Mapping[type, Callable[[nn.Conv2d], nn.Module]] | None = None,
 ) -> nn.Module:
     """Replace each `nn.Conv2d` of `model` by an `Adder2d` with the same hyperparameters.
 
@@ -38,6 +43,21 @@ def convert(
     weights, trained or Kaiming-initialised, are not useful adder templates.
     grad_mode: the adder layers' backward, "paper" or "exact" (see `triton_adder.adder2d`).
     inplace: modify `model` itself; by default a deep copy is converted and returned.
+    mapping: {Conv2d subclass: factory}; factory(conv) returns the adder module that replaces a
+    convolution of exactly that class (it handles copy_weights and grad_mode itself).
+
+    What happens to each kind of convolution:
+
+    - `nn.Conv2d`, and subclasses that keep `nn.Conv2d.forward` (`type(m).forward is
+      nn.Conv2d.forward`): replaced by an `Adder2d` with the same hyperparameters.
+    - a class in `mapping`: replaced by `mapping[cls](conv)`.
+    - timm's `Conv2dSame` (TF-style "same" padding computed from the input size at run time):
+      replaced by `triton_adder.nn.Adder2dSame`, which pads the same way, unless `mapping` names it.
+    - any other subclass with its own `forward` (weight standardisation, custom padding, ...): kept
+      as it is, with one warning naming those layers and their classes, because an `Adder2d` would
+      silently compute something else. Map the class to convert it, or exclude it to silence this.
+    - shared modules (one convolution under several names): one adder layer under all the names.
+    - padding_mode other than "zeros", or a lazy convolution not run yet: ValueError.
 
     Returns the converted model. Its adder parameters are new tensors: build the optimizer after
     converting. Raises ValueError for a convolution with padding_mode other than "zeros" (AdderNet
@@ -52,6 +72,10 @@ def convert(
         model = copy.deepcopy(model)
     # remove_duplicate=False: a convolution registered under two names (shared weights) becomes
     # one adder layer registered under both names, so the sharing survives.
+    mapping = dict(mapping or {})
+    for cls, factory in mapping.items():
+        if not (isinstance(cls, type) and issubclass(cls, nn.Conv2d)) or not callable(factory):
+            raise TypeError(f"mapping must map nn.Conv2d subclasses to callables, got {cls!r}: {factory!r}")
     convs = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Conv2d)]
     conv_names = [name for name, _ in convs]
     unknown = sorted(exclude.difference(conv_names))
@@ -62,20 +86,46 @@ def convert(
         keep.add(id(convs[0][1]))
     if convs and keep_last:
         keep.add(id(convs[-1][1]))
-    replacements: dict[int, Adder2d] = {}
+    replacements: dict[int, nn.Module] = {}
+    unconvertible: dict[str, list[str]] = {}
     for name, conv in convs:
         if id(conv) in keep:
             continue
         if id(conv) not in replacements:
-            replacements[id(conv)] = _adder_like(name, conv, copy_weights, grad_mode)
+            factory = _factory(type(conv), mapping, copy_weights, grad_mode)
+            if factory is None:
+                cls = type(conv)
+                unconvertible.setdefault(f"{cls.__module__}.{cls.__qualname__}", []).append(name)
+                continue
+            replacements[id(conv)] = factory(name, conv)
         if name == "":  # the model itself is a convolution
             return replacements[id(conv)]
         parent_name, _, child_name = name.rpartition(".")
         model.get_submodule(parent_name).add_module(child_name, replacements[id(conv)])
+    if unconvertible:
+        listed = "; ".join(f"{cls}: {', '.join(names)}" for cls, names in unconvertible.items())
+        warnings.warn(
+            f"convert kept {sum(map(len, unconvertible.values()))} convolution(s) whose class has its own forward, "
+            f"which an Adder2d would not reproduce ({listed}); pass mapping={{cls: factory}} to convert them "
+            "or exclude=[...] to keep them without this warning",
+            UserWarning,
+            stacklevel=2,
+        )
     return model
 
 
-def _adder_like(name: str, conv: nn.Conv2d, copy_weights: bool, grad_mode: str) -> Adder2d:
+def _factory(cls: type, mapping: dict, copy_weights: bool, grad_mode: str):
+    """How to convert a convolution of class `cls`: a callable (name, conv) -> module, or None to keep it."""
+    if cls in mapping:
+        return lambda name, conv: mapping[cls](conv)
+    if cls.forward is nn.Conv2d.forward:
+        return lambda name, conv: _adder_like(name, conv, copy_weights, grad_mode, Adder2d)
+    if (cls.__module__, cls.__name__) == TIMM_CONV2D_SAME:
+        return lambda name, conv: _adder_like(name, conv, copy_weights, grad_mode, Adder2dSame)
+    return None
+
+
+def _adder_like(name: str, conv: nn.Conv2d, copy_weights: bool, grad_mode: str, adder_class=Adder2d) -> Adder2d:
     if isinstance(conv.weight, nn.parameter.UninitializedParameter):
         raise ValueError(f"convolution {name!r} is lazy and not initialised yet: run one forward pass first")
     if conv.padding_mode != "zeros":
@@ -83,7 +133,7 @@ def _adder_like(name: str, conv: nn.Conv2d, copy_weights: bool, grad_mode: str) 
             f"convolution {name!r} has padding_mode={conv.padding_mode!r}; adder layers support only 'zeros' "
             f"(pass exclude=[{name!r}] to keep it)"
         )
-    adder = Adder2d(
+    adder = adder_class(
         conv.in_channels,
         conv.out_channels,
         conv.kernel_size,

@@ -45,6 +45,9 @@ COMPILE_ENV = "TRITON_ADDER_CPU_COMPILE"
 WEIGHT_BLOCK_BYTES = 512 * 1024
 """The compiled forward splits the output channels into blocks whose weights take about this many bytes."""
 
+INDUCTOR_ALIGNMENT_BYTES = 16
+"""`torch._inductor.utils.ALIGNMENT`: inductor assumes inputs aligned to this unless told otherwise."""
+
 COMPILED_CACHE_SIZE = 512
 """How many compiled (function, shape) callables are kept (least recently used are dropped)."""
 
@@ -79,6 +82,8 @@ def compiler_enabled() -> bool:
 _compiled = collections.OrderedDict()
 _compile_lock = threading.Lock()
 _compiler_failure: str | None = None
+compile_count = 0
+"""How many callables this process has compiled (benchmarks and tests read it)."""
 
 
 def _inductor_compile(fn, args):
@@ -90,15 +95,31 @@ def _inductor_compile(fn, args):
     return inductor_compile(graph, list(args))
 
 
+def _aligned(a: torch.Tensor) -> bool:
+    return a.storage_offset() * a.element_size() % INDUCTOR_ALIGNMENT_BYTES == 0
+
+
 def _signature(args) -> tuple:
+    """What a compiled callable is specialised on: each argument's sizes, strides and dtype.
+
+    Not the storage offset: inductor's graph inputs are buffers at the tensor's data pointer
+    (`torch._inductor.graph` gives placeholders a `FixedLayout` of sizes and strides, offset 0), so
+    one callable serves every channel block of a layer (keying on the offset compiled one callable
+    per block: 683 for VGG's 512->4096 7x7 classifier). Only whether the data pointer is aligned is
+    kept (`torch._inductor.utils.tensor_is_aligned`): a callable compiled for aligned inputs copies
+    a misaligned one on every call, so misaligned blocks get their own callable instead.
+    """
     return tuple(
-        None if a is None else (tuple(a.shape), a.stride(), a.storage_offset(), a.dtype) for a in args
+        None
+        if a is None
+        else (tuple(a.shape), a.stride(), a.dtype, _aligned(a))
+        for a in args
     )
 
 
 def compiled_call(fn, options: dict, args):
     """Run fn(*args, **options) through a cached compiled callable; None if compiling is not possible."""
-    global _compiler_failure
+    global _compiler_failure, compile_count
     key = (fn.__name__, tuple(sorted(options.items())), _signature(args))
     with _compile_lock:
         compiled = _compiled.get(key)
@@ -116,6 +137,7 @@ def compiled_call(fn, options: dict, args):
                     stacklevel=4,
                 )
                 return None
+            compile_count += 1
             _compiled[key] = compiled
             if len(_compiled) > COMPILED_CACHE_SIZE:
                 _compiled.popitem(last=False)
@@ -153,6 +175,14 @@ def weight_blocks(weight_bytes: int) -> int:
     """How many channel blocks to split a weight of this size into (measured: unsplit up to about
     2 blocks' worth, because splitting costs an output copy; 256ch 3x3 went from 5.2x to 3.2x conv2d)."""
     return 1 if weight_bytes <= 2 * WEIGHT_BLOCK_BYTES else -(-weight_bytes // WEIGHT_BLOCK_BYTES)
+
+
+def channel_block(channels: int, blocks: int) -> int:
+    """Channels per block when splitting `channels` into about `blocks` blocks: a multiple of 4, so
+    that float32 blocks start on inductor's 16-byte alignment and all but the last block share one
+    compiled callable (the last, when shorter, takes a second one: at most two per pass)."""
+    block = -(-channels // blocks)
+    return min(channels, -(-block // 4) * 4)
 
 
 # --------------------------------------------------------------------------------------------

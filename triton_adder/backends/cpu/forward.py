@@ -54,7 +54,7 @@ def _forward_compiled(taps, w, b, options):
     blocks = common.weight_blocks(tg * per_channel)
     if blocks <= 1:
         return common.compiled_call(_forward_body, options, (taps, w) if b is None else (taps, w, b))
-    block = -(-tg // blocks)
+    block = common.channel_block(tg, blocks)
     n, ho, wo = taps.shape[:3]
     y = taps.new_empty((n, groups * tg, ho, wo), dtype=options["out_dtype"])
     if options["channels_last"]:

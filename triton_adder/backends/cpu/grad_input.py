@@ -137,7 +137,7 @@ def _grad_input_compiled(grad_taps, w_phase, x_phase, options):
     blocks = common.weight_blocks(groups * u * v * tg * cg * w_phase.element_size())
     if blocks <= 1:
         return common.compiled_call(_grad_input_body, options, (grad_taps, w_phase, x_phase))
-    block = -(-cg // blocks)
+    block = common.channel_block(cg, blocks)
     n, mh, mw = x_phase.shape[:3]
     out = x_phase.new_empty((n, mh, mw, groups, cg), dtype=options["compute_dtype"])
     for k0 in range(0, cg, block):
