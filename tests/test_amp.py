@@ -22,8 +22,15 @@ CASES = ["3x3_pad1", "stride2_groups2", "asymmetric_dilated"]
 
 def _layer(weight, geom):
     cout, cg, kh, kw = weight.shape
-    layer = Adder2d(cg * geom.groups, cout, (kh, kw), stride=geom.stride, padding=geom.padding,
-                    dilation=geom.dilation, groups=geom.groups)
+    layer = Adder2d(
+        cg * geom.groups,
+        cout,
+        (kh, kw),
+        stride=geom.stride,
+        padding=geom.padding,
+        dilation=geom.dilation,
+        groups=geom.groups,
+    )
     layer.weight.data.copy_(weight)
     return layer
 
@@ -84,8 +91,13 @@ def test_float64_is_not_cast_by_autocast():
 
 def _train_steps(use_scaler: bool, steps: int = 3) -> list[torch.Tensor]:
     torch.manual_seed(1)
-    model = nn.Sequential(Adder2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), Adder2d(6, 4, 3, stride=2),
-                          nn.Flatten(), nn.Linear(4 * 3 * 2, 5))
+    model = nn.Sequential(
+        Adder2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        Adder2d(6, 4, 3, stride=2),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 2, 5),
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     # A power-of-two scale keeps scaling and unscaling exact, so the two runs must agree to rounding.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=use_scaler)

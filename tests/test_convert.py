@@ -38,8 +38,15 @@ def _tf_same_conv_class():
             total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
             pads.append((total // 2, total - total // 2))
         (top, bottom), (left, right) = pads
-        return nn.functional.conv2d(nn.functional.pad(x, (left, right, top, bottom)), self.weight, self.bias,
-                                    self.stride, 0, self.dilation, self.groups)
+        return nn.functional.conv2d(
+            nn.functional.pad(x, (left, right, top, bottom)),
+            self.weight,
+            self.bias,
+            self.stride,
+            0,
+            self.dilation,
+            self.groups,
+        )
 
     return type("Conv2dSame", (nn.Conv2d,), {"forward": forward, "__module__": "timm.layers.conv2d_same"})
 
@@ -63,8 +70,14 @@ def test_excluded_subclass_is_kept_silently_and_mapped_class_is_converted():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         kept = convert(model, exclude=["1"])
-        mapped = convert(model, mapping={StandardisedConv2d: lambda conv: Adder2d(conv.in_channels, conv.out_channels,
-                                                                                 conv.kernel_size, padding=7)})
+        mapped = convert(
+            model,
+            mapping={
+                StandardisedConv2d: lambda conv: Adder2d(
+                    conv.in_channels, conv.out_channels, conv.kernel_size, padding=7
+                )
+            },
+        )
     assert type(kept[1]) is StandardisedConv2d
     assert type(mapped[1]) is Adder2d and mapped[1].padding == (7, 7)
     with pytest.raises(TypeError, match="mapping"):
@@ -91,8 +104,7 @@ def test_tf_same_padding_adder_matches_the_convolution_and_float64(size, stride)
         y = adder(x.double())
     assert y.shape == conv(x).shape  # TF "SAME": ceil(size / stride) positions
     # Independent truth: the convolution's own padding (as it computes it) around the float64 reference.
-    pads = [max((math.ceil(n / stride) - 1) * stride + d * (k - 1) + 1 - n, 0)
-            for n, k, d in zip(size, (3, 4), (1, 2))]
+    pads = [max((math.ceil(n / stride) - 1) * stride + d * (k - 1) + 1 - n, 0) for n, k, d in zip(size, (3, 4), (1, 2))]
     xpad = nn.functional.pad(x.double(), (pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2))
     geom = Conv2dGeometry((stride, stride), (0, 0), (1, 2), 1, tuple(y.shape[-2:]))
     expected = reference.adder2d_forward(xpad, adder.weight.double(), None, geom)
@@ -114,5 +126,6 @@ def test_blocked_layer_compiles_at_most_two_callables_per_pass():
         compiled = common.compile_count - before
     assert compiled <= 2, compiled
     geom = Conv2dGeometry((1, 1), (1, 1), (1, 1), 1, (4, 3))
-    assert_matches_reference(y, reference.adder2d_forward(x.double(), layer.weight.double(), None, geom),
-                             torch.float32, 16 * 9)
+    assert_matches_reference(
+        y, reference.adder2d_forward(x.double(), layer.weight.double(), None, geom), torch.float32, 16 * 9
+    )

@@ -27,7 +27,10 @@ def _train(output_dir, *extra, wait=True):
     with open(log, "w") as stderr:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     if wait:
-        process.wait(timeout=300)
+        try:
+            process.wait(timeout=300)
+        finally:
+            process.kill()  # never leave a run behind when the wait times out
         assert process.returncode == 0, log.read_text()[-2000:]
     return process
 
@@ -47,8 +50,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     deadline = time.monotonic() + 240
     while _completed_epochs(checkpoint) < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    if process.poll() is not None:
-        pytest.fail("the run ended before it could be killed; make the run longer")
+    if process.poll() is not None or _completed_epochs(checkpoint) < 2:
+        process.kill()
+        pytest.fail("the run ended (or never reached its epoch-2 checkpoint) before it could be killed")
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = _completed_epochs(checkpoint)

@@ -8,8 +8,8 @@ AdderNet uses the paper's full-precision gradients with adaptive learning-rate s
 by default; ``--grad-mode exact`` (sign gradients) and ``--no-adaptive-lr`` give the ablations of
 the paper's Figure 3.
 
-Each run writes, under ``--output-dir`` (default results/mnist), with RUN its name
-(e.g. ``lenet5bn-adder-paper-alr``):
+Each run writes, under ``--output-dir`` (default runs/RUN; results/mnist holds the committed MNIST
+runs), with RUN its name (e.g. ``lenet5bn-adder-paper-alr``):
 - RUN.json: the settings, the final held-out accuracy and loss, wall time, machine;
 - RUN.csv: one row per epoch (train loss/accuracy, held-out loss/accuracy, learning rate, time);
 - RUN.pt: the final state dict (LeNet-5-BN: ~250 KB), for the weight histograms.

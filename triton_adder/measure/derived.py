@@ -12,23 +12,20 @@ import math
 import numpy as np
 import pandas as pd
 
+from triton_adder.measure.sass import FP32_FLOOR_PER_ELEMENT
+
 # Energy per float32 operation at 45 nm (Horowitz, ISSCC 2014), the figures AdderNet's paper uses
 # for its energy argument. Compute only: memory traffic, which dominates real chips, is left out.
 ENERGY_PJ_ADD = 0.9
 ENERGY_PJ_MULTIPLY = 3.7
 
-# Instructions per reduced element on the FP32 pipe of the straightforward loops, the ceiling the
-# report divides by (the forward's count is DESIGN.md section 2's; the gradient kernels' compiled
-# loops screen lower, see results/benchmarks/sass_mix.txt). Forward float32:
-# FADD d = x - w, FADD acc += |d| (abs is a free operand modifier). float16/bfloat16: packed
-# 2-wide HADD2, about one instruction per element. Weight gradient (eq. 5): FADD x - w, FFMA
-# with grad_out. Input gradient (eq. 6): FADD w - x, 2 min/max for the clamp, FFMA.
+# FP32-pipe instructions per reduced element, the ceiling the report divides by: the floors of the
+# compiled loops (`measure.sass.FP32_FLOOR_PER_ELEMENT`, which the SASS screen checks each kernel
+# against), the same for every dtype because the kernels widen 16-bit operands to float32 at load.
 ADDER_INSTRUCTIONS_PER_ELEMENT = {
-    ("forward", "float32"): 2.0,
-    ("forward", "float16"): 1.0,
-    ("forward", "bfloat16"): 1.0,
-    ("grad_weight", "float32"): 2.0,
-    ("grad_input", "float32"): 4.0,
+    (family, dtype): floor
+    for family, floor in FP32_FLOOR_PER_ELEMENT.items()
+    for dtype in ("float32", "float16", "bfloat16")
 }
 
 # The notice every CPU or Triton-interpreter run carries (metadata "note", the report banner).
