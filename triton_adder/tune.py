@@ -20,6 +20,11 @@ NOT GPU timings: the cache entries are keyed by the reduced problem plus a "redu
 (so they never match a real problem), are marked functional, and are never used on a GPU. The
 report's benchmark then times the CPU path at the model's real shapes (`write_report`).
 
+Under torchrun (`python -m torch.distributed.run --nproc-per-node N -m triton_adder.tune ...`) each
+process tunes every N-th layer problem on its own device (GPU LOCAL_RANK; on the CPU, gloo) into the
+one shared cache, whose file lock merges what they store; rank 0 prints the joined table (with the
+rank that tuned each row) and alone benchmarks and writes the report.
+
 Afterwards it benchmarks the model (`triton_adder.bench.measure`) and writes the HTML report
 (default runs/<model>-<device>/ under the current directory, never a committed folder;
 `--report PATH` elsewhere, `--no-report` skips it). Progress bars (tqdm) go to stderr.
@@ -39,11 +44,12 @@ from tqdm import tqdm
 
 from triton_adder.autotune.problems import INTERPRETER_SPATIAL_CAP
 from triton_adder.autotune.spaces import parse_ops
-from triton_adder.autotune.tuner import Row, tune_model
+from triton_adder.autotune.tuner import Row, merge_shards, tune_model
 from triton_adder.backends import triton_interpreter_enabled
 from triton_adder.contract import DTYPES as ALL_DTYPES
 from triton_adder.contract import GRAD_MODES, KERNEL_DTYPES
 from triton_adder.models.census import DEFAULT_GPU_BATCH
+from triton_adder.training import distributed
 
 __all__ = ["main", "parse_ops", "print_table", "tune_model", "write_report"]
 
@@ -81,8 +87,9 @@ def print_table(rows: list[Row], functional: bool, out=None) -> None:
     """The result table on `out` (default stdout); functional: add the not-GPU-timings note."""
     out = sys.stdout if out is None else out
     reduced = any(row.model_shape for row in rows)
+    ranks = any(row.rank for row in rows)  # a torchrun run: say which process tuned each row
     headers = ["layer", "op", "shape run" if reduced else "shape"] + (["model shape"] if reduced else []) + [
-        "best config (MxNxK warps stages)", "time", "default", "speedup", "status"]
+        "best config (MxNxK warps stages)", "time", "default", "speedup", "status"] + (["rank"] if ranks else [])
     lines = [
         [
             row.layer,
@@ -94,6 +101,7 @@ def print_table(rows: list[Row], functional: bool, out=None) -> None:
             format_time(row.default_time_s),
             "-" if row.speedup is None else f"{row.speedup:.2f}x",
             row.status + (f" ({'; '.join(row.notes)})" if row.notes else ""),
+            *([str(row.rank)] if ranks else []),
         ]
         for row in rows
     ]
@@ -252,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The layer's run-time lookup (and the report's tuned rows) must read the cache tuned here.
         os.environ[lookup.CACHE_DIR_ENV] = str(args.cache_dir)
         lookup.clear()
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    context = distributed.setup("cuda" if on_gpu else "cpu")  # one process, or one rank of torchrun
+    device = context.device
     batch = args.batch_size or (DEFAULT_GPU_BATCH[args.model] if on_gpu else CPU_BATCH)
     quick = args.quick or not on_gpu
     dtype = DTYPES[args.dtype]
@@ -260,17 +269,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tune_kernels:
         identity = lookup.identity(device)
         cache = lookup.cache_for(device)
+        print(f"rank {context.rank}/{context.world_size}: " if context.distributed else "", end="", file=sys.stderr)
         print(f"model {args.model}, {'batch 1 (shrunk problems)' if shrink else f'batch {batch}'}, {args.dtype}, "
               f"ops {','.join(ops)}, device {identity.name} ({identity.capability}, Triton {identity.triton_version}), "
               f"cache {cache.path}", file=sys.stderr)
         started = time.perf_counter()
-        bar = ProgressBar(f"tune {args.model}")
+        bar = ProgressBar(f"tune {args.model}" + (f" rank {context.rank}" if context.distributed else ""))
         try:
             rows = tune_model(args.model, batch, dtype, ops, args.budget_s, cache, device, quick,
                               channels_last=args.channels_last, force=args.force, grad_mode=args.grad_mode,
-                              progress=bar, shrink=shrink)
+                              progress=bar, shrink=shrink, shard=(context.rank, context.world_size))
         finally:
             bar.close()
+        rows = merge_shards(distributed.gather(context, rows))
+    if not context.main:  # rank 0 alone prints the table and writes the report
+        distributed.teardown(context)
+        return 1 if any(row.status == "failed" for row in rows) else 0
+    distributed.teardown(context)
+    if tune_kernels:
         print_table(rows, functional=not on_gpu)
         print(f"tuning took {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if not args.no_report:

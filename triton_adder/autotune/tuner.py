@@ -1,6 +1,8 @@
 """Tune every (unique layer problem, op) of a model that the cache does not hold yet.
 
 Each winner is stored as soon as it is found, so an interrupted run resumes where it stopped.
+Several processes (torchrun ranks) can share the work: `shard=(rank, world_size)` takes every
+world_size-th job, and the cache's file lock merges what each stores (`tuning.cache.TuningCache.store`).
 The search itself is the generic `triton_adder.tuning`; `tunables.make_tunable` describes each
 problem to it.
 """
@@ -38,6 +40,7 @@ class Row:
     runs: int = 0
     failures: int = 0
     notes: list[str] = field(default_factory=list)
+    rank: int = 0  # the process that tuned (or looked up) this row, under torchrun
 
     @property
     def speedup(self) -> float | None:
@@ -60,19 +63,25 @@ def tune_model(
     grad_mode: str = "paper",
     progress: Progress | None = None,
     shrink: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[Row]:
     """Tune every (unique layer problem, op) of `model_name` not yet in `cache`; return the table rows.
 
     shrink: tune `interpreter_problem`s (batch 1, small spatial size, fewer channels) instead of
     the real problems at `batch_size`: the functional run of a machine without a GPU.
+    shard: (rank, world_size); this process takes jobs rank, rank + world_size, ... of the model's
+    job list (the same list in every process) and returns only their rows (`merge_shards` rejoins them).
     """
+    rank, world_size = shard
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
     size = MODEL_INPUT_SIZE[model_name]
     input_shape = (batch_size, models.MODELS[model_name][2], size, size)
     problems = collect_problems(models.build(model_name, adder=True), input_shape)
     if shrink:
         divisor = channel_divisor(problems)
         problems = [interpreter_problem(problem, divisor) for problem in problems]
-    jobs = [(problem, op) for problem in problems for op in ops]
+    jobs = [(problem, op) for problem in problems for op in ops][rank::world_size]
     benchmarker = benchmarker_for(device, quick=quick)
     dtype_name = str(dtype).removeprefix("torch.")
     layout = "channels_last" if channels_last else "contiguous"  # contract.layout_name of the tunable's x
@@ -83,7 +92,7 @@ def tune_model(
             progress(done, len(jobs), f"{layer} {op}")
         key = problem.cache_problem()
         row = Row(layer, op, problem.shape_text, "tuned",
-                  model_shape=problem.model_shape_text if problem.reduced_from is not None else "")
+                  model_shape=problem.model_shape_text if problem.reduced_from is not None else "", rank=rank)
         hit = cache.lookup(
             op, lookup.kernel_hash(op), dtype_name, layout, key,
             allow_functional=device.type != "cuda", allow_nearest=False,
@@ -118,3 +127,11 @@ def tune_model(
         progress(len(jobs), len(jobs), "done")
     lookup.clear()
     return rows
+
+
+def merge_shards(shards: Sequence[Sequence[Row]]) -> list[Row]:
+    """The rows of every rank (`shards[rank]`, from `tune_model(..., shard=(rank, len(shards)))`) in job order."""
+    merged = []
+    for index in range(sum(len(rows) for rows in shards)):
+        merged.append(shards[index % len(shards)][index // len(shards)])
+    return merged

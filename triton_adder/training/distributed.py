@@ -65,6 +65,15 @@ def sum_across(context: Context, values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def gather(context: Context, value) -> list:
+    """[value of rank 0, value of rank 1, ...] in every process (picklable values; `[value]` when alone)."""
+    if not context.distributed:
+        return [value]
+    values = [None] * context.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier(context: Context) -> None:
     if context.distributed:
         dist.barrier()
