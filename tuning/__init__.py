@@ -8,6 +8,7 @@ Tuned configs for known GPUs ship as read-only JSON in ``tuning/configs/``.
 
 from .benchmark import CudaEventBenchmarker, Measurement, WallClockBenchmarker, benchmarker_for
 from .cache import CacheHit, DeviceIdentity, TuningCache, bucket, device_identity
+from .prune import PruneResult, ScreenResult, prune, screen_configs
 from .search import Evaluation, TuningResult, search
 from .space import (
     Config,
@@ -30,6 +31,8 @@ __all__ = [
     "Evaluation",
     "Knob",
     "Measurement",
+    "PruneResult",
+    "ScreenResult",
     "SearchSpace",
     "Tunable",
     "TuningCache",
@@ -41,6 +44,8 @@ __all__ = [
     "device_identity",
     "estimate_at_most",
     "next_power_of_two",
+    "prune",
+    "screen_configs",
     "search",
     "tile_within",
 ]

@@ -1,7 +1,11 @@
 """Search a tunable's space: prune, coarse pass, local refinement, then verify the winner.
 
 Strategy (per problem, within a time budget):
-1. prune every config that breaks a constraint (no run at all);
+1. prune every config that breaks a constraint (no run at all); when the tunable supplies a
+   `screen` (compile-time pruning, `prune.prune`: spills, resources, far off the instruction
+   budget), each batch of configs about to be timed (the coarse pass, each refinement step's
+   neighbours) is screened first and what it drops is never timed; the default is never screened
+   out, it is the baseline;
 2. run the default config: the baseline time and the reference output;
 3. coarse pass: every second value of each knob (both ends kept), valid configs only, in a
    seeded shuffled order and with at most `coarse_fraction` of the budget, so a pass the budget
@@ -21,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .prune import prune
 from .space import Config, Tunable, config_key
 
 
@@ -48,9 +53,12 @@ class TuningResult:
     functional: bool
     evaluations: list[Evaluation] = field(default_factory=list)
     space_size: int = 0
-    pruned: int = 0
+    pruned: int = 0  # by constraints and by the screen
     elapsed_s: float = 0.0
     budget_exhausted: bool = False
+    screened: int = 0
+    screen_dropped: list[tuple[Config, str]] = field(default_factory=list)
+    screen_s: float = 0.0
 
     @property
     def speedup(self) -> float | None:
@@ -84,6 +92,8 @@ def search(
     verify_limit: int = 3,
     coarse_fraction: float = 0.5,
     seed: int = 0,
+    screen_workers: int = 4,
+    screen_top_n: int | None = None,
 ) -> TuningResult:
     """Tune one problem. Returns a TuningResult; never raises for a failing config.
 
@@ -91,7 +101,9 @@ def search(
     the winner's verification always run). max_evaluations: optional cap on measured configs.
     verify_limit: how many of the fastest configs to check against the default's output before
     falling back to the default. coarse_fraction: share of budget_s the coarse pass may use.
-    seed: the coarse pass's visiting order (deterministic for a given seed).
+    seed: the coarse pass's visiting order (deterministic for a given seed). screen_workers,
+    screen_top_n: threads for `tunable.screen` and how many of its best-ranked configs to keep
+    (None: all it accepts); the screen's time is not charged to budget_s.
     """
     started = time.perf_counter()
     evaluations: list[Evaluation] = []
@@ -111,7 +123,7 @@ def search(
     def out_of_budget() -> bool:
         if max_evaluations is not None and len(evaluations) >= max_evaluations:
             return True
-        return time.perf_counter() - started > budget_s
+        return time.perf_counter() - started - result.screen_s > budget_s
 
     # The output of the fastest config so far is kept (one tensor at most), so verifying the
     # usual winner costs no extra run.
@@ -142,7 +154,27 @@ def search(
     for config in tunable.space:
         if not tunable.violations(config):
             valid[config_key(config)] = config
-    result.pruned = result.space_size - len(valid)
+    default_key = config_key(tunable.default)
+    screened_keys: set[tuple] = {default_key}  # the default is never screened out: it is the baseline
+
+    def screen(configs) -> None:
+        """Compile-time pruning of the configs the search is about to time, in parallel, each once.
+
+        Lazy, batch by batch (the coarse pass, then each refinement step's neighbours), so a search
+        compiles what it would visit, not the whole space; dropped configs leave `valid`.
+        """
+        todo = [c for c in configs if config_key(c) in valid and config_key(c) not in screened_keys]
+        if tunable.screen is None or not todo:
+            return
+        screen_started = time.perf_counter()
+        outcome = prune(tunable, todo, max_workers=screen_workers, top_n=screen_top_n)
+        result.screen_s += time.perf_counter() - screen_started
+        result.screened += len(todo)
+        screened_keys.update(config_key(c) for c in todo)
+        for config, reason in outcome.dropped:
+            valid.pop(config_key(config), None)
+            result.screen_dropped.append((config, reason))
+
 
     def try_config(config: Config, phase: str) -> Evaluation | None:
         key = config_key(config)
@@ -154,7 +186,9 @@ def search(
 
     coarse = [c for c in tunable.space.coarse(coarse_stride) if config_key(c) in valid]
     random.Random(seed).shuffle(coarse)
-    coarse_deadline = started + coarse_fraction * budget_s
+    screen(coarse)
+    coarse = [c for c in coarse if config_key(c) in valid]
+    coarse_deadline = started + result.screen_s + coarse_fraction * budget_s
     for config in coarse:
         if out_of_budget() or time.perf_counter() > coarse_deadline:
             break
@@ -166,12 +200,15 @@ def search(
     for seed in ranked()[:top_k]:
         current = seed
         while not out_of_budget():
-            candidates = [try_config(n, "refine") for n in tunable.space.neighbours(current.config)]
+            neighbours = tunable.space.neighbours(current.config)
+            screen(neighbours)
+            candidates = [try_config(n, "refine") for n in neighbours]
             better = [c for c in candidates if c is not None and c.status == "ok" and c.time_s < current.time_s]
             if not better:
                 break
             current = min(better, key=lambda e: e.time_s)
     result.budget_exhausted = out_of_budget()
+    result.pruned = result.space_size - len(valid)  # by constraints, and by the screen among those it saw
 
     for candidate in ranked()[: max(1, verify_limit)]:
         if config_key(candidate.config) == config_key(tunable.default):

@@ -127,7 +127,10 @@ class Tunable:
     default: the heuristic config (the baseline the speedup is measured against and the reference
     output every winner is checked against); outputs_match(candidate, reference) -> bool decides
     that check (None: ``candidate == reference``, fine for plain numbers; pass a tolerance-aware
-    comparison for tensors).
+    comparison for tensors). screen(config) -> prune.ScreenResult: an optional compile-time
+    pre-filter (`prune.prune`) run before anything is timed; screen_relative_limit: drop configs
+    scoring above this multiple of the best screened score; screen_cache: its verdicts by
+    config_key, in memory (the compiler keeps its own on-disk cache, so a re-screen is cheap).
     """
 
     name: str
@@ -137,6 +140,9 @@ class Tunable:
     default: Config
     constraints: Sequence[Constraint] = field(default_factory=tuple)
     outputs_match: Callable[[Any, Any], bool] | None = None
+    screen: Callable[[Config], Any] | None = None
+    screen_relative_limit: float | None = None
+    screen_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def violations(self, config: Mapping) -> list[str]:
         """Names of the constraints `config` breaks (empty: valid)."""

@@ -8,6 +8,7 @@ against the default config's (`outputs_match`).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -17,14 +18,16 @@ from triton_adder.autotune.spaces import (
     ACCUMULATOR_CONSTRAINT,
     FULL_SPACES,
     OPS,
+    SHARED_MEMORY_BYTES,
     constraints,
     launcher_accepts,
     reduced_space,
 )
 from triton_adder.kernels import forward, grad_input, grad_weight
 from triton_adder.kernels.launch_config import KernelConfig
+from triton_adder.measure import sass
 from triton_adder.tolerance import tolerances
-from triton_adder.tuning import SearchSpace, Tunable
+from triton_adder.tuning import ScreenResult, SearchSpace, Tunable
 
 # Miscompile check of a winner against the default config's output (not a precision test: two
 # Triton configs differ only in summation order, a miscompile is off by O(1)), so the library's
@@ -44,6 +47,62 @@ def outputs_match(dtype: torch.dtype, reduction_length: int) -> Callable[[torch.
     return match
 
 
+# Shared memory one block may use (DESIGN.md section 2): A100 163 KiB, H100/H200 227 KiB.
+SHARED_MEMORY_LIMITS = {80: 163 * 1024, 90: SHARED_MEMORY_BYTES}
+# A config whose loop issues more than this multiple of the best screened config's instructions per
+# element is not timed: the loop is issue-bound (DESIGN.md section 2), so 1.5x the instructions is
+# at best ~1.5x slower, a gap no better memory behaviour of the same tiling family makes up.
+INSTRUCTION_BUDGET_FACTOR = 1.5
+DEFAULT_SCREEN_ARCH = 90
+
+
+def compile_screen(op: str, x, weight, geom, grad_mode: str, arch: int) -> Callable[[dict], ScreenResult]:
+    """The tuner's compile-time screen of `op`'s configs for sm_<arch> (`measure.sass.compile_stats`).
+
+    x (N, Cin, H, W), weight (Cout, Cin/g, kh, kw): the launch's operands (only shapes, strides and
+    dtype are read). Drops a config that spills (any stack frame or LDL/STL: ptxas caps registers at
+    255, so running out of them shows as spills, and local memory traffic in a loop issue-bound on
+    the ALUs costs more than any tile shape gains) or needs more shared memory than a block gets;
+    scores the rest by instructions per reduced element (lower first).
+    """
+    if arch not in SHARED_MEMORY_LIMITS:
+        raise ValueError(f"arch must be one of {tuple(SHARED_MEMORY_LIMITS)}, got {arch!r}")
+    x_meta, weight_meta = torch.empty_like(x, device="meta"), torch.empty_like(weight, device="meta")
+    shared_limit = SHARED_MEMORY_LIMITS[arch]
+
+    def screen(config: dict) -> ScreenResult:
+        stats = sass.compile_stats(
+            op, x_meta, weight_meta, geom, KernelConfig(**config), grad_mode=grad_mode, arch=arch
+        )
+        if stats.spills:
+            return ScreenResult(False, "spills", stats.instructions_per_element)
+        if stats.shared_bytes > shared_limit:
+            return ScreenResult(False, f"shared memory > {shared_limit // 1024} KiB", stats.instructions_per_element)
+        return ScreenResult(True, "", stats.instructions_per_element)
+
+    return screen
+
+
+def screen_arch_for(device: torch.device, arch: int | None) -> int | None:
+    """The target the tuner screens for: the GPU's own, else `arch` (default sm_90); None: no screen.
+
+    No screen under TRITON_INTERPRET (the interpreter replaces the @triton.jit kernels, so there is
+    nothing to compile for a target), without cuobjdump, or on a GPU outside SHARED_MEMORY_LIMITS.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return None
+    try:
+        sass.cuobjdump_path()
+    except RuntimeError:
+        return None
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = 10 * major + minor
+    elif arch is None:
+        arch = DEFAULT_SCREEN_ARCH
+    return arch if arch in SHARED_MEMORY_LIMITS else None
+
+
 def make_tunable(
     op: str,
     problem: LayerProblem,
@@ -52,11 +111,13 @@ def make_tunable(
     channels_last: bool,
     quick: bool,
     grad_mode: str = "paper",
+    screen_arch: int | None = None,
 ) -> Tunable:
     """Describe one (op, layer problem) to the tuner: operands, runner, default, space, constraints.
 
     op: "forward", "grad_input" or "grad_weight"; quick: the reduced space (`spaces.reduced_space`)
     instead of `spaces.FULL_SPACES[op]`. Operands are seeded (seed 0), so runs are reproducible.
+    screen_arch: the target of the compile-time screen off a GPU (`screen_arch_for`).
     """
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
@@ -107,6 +168,8 @@ def make_tunable(
         extra = [ACCUMULATOR_CONSTRAINT]
 
     default = default.as_dict()
+    arch = screen_arch_for(device, screen_arch)
+    screen = None if arch is None else compile_screen(op, x, weight, geom, grad_mode, arch)
     values = reduced_space(default, 16 if problem.reduced_from is not None else 32) if quick else FULL_SPACES[op]
     return Tunable(
         name=op,
@@ -116,4 +179,6 @@ def make_tunable(
         default=default,
         constraints=constraints(extents, values, element_bytes, extra),
         outputs_match=outputs_match(dtype, reduction),
+        screen=screen,
+        screen_relative_limit=INSTRUCTION_BUDGET_FACTOR,
     )
