@@ -24,6 +24,14 @@ class StandardisedConv2d(nn.Conv2d):
         return self._conv_forward(x, w, self.bias)
 
 
+class ConvForwardStandardisedConv2d(nn.Conv2d):
+    """Keeps nn.Conv2d.forward but standardises the weight in _conv_forward, which forward calls."""
+
+    def _conv_forward(self, x, weight, bias):
+        mean, std = weight.mean(dim=(1, 2, 3), keepdim=True), weight.std(dim=(1, 2, 3), keepdim=True)
+        return super()._conv_forward(x, (weight - mean) / std, bias)
+
+
 class RenamedConv2d(nn.Conv2d):
     """A subclass that keeps nn.Conv2d's forward: converting it is faithful."""
 
@@ -63,6 +71,14 @@ def test_subclass_with_own_forward_is_kept_with_one_warning():
     assert len(messages) == 1
     assert "StandardisedConv2d" in messages[0] and "1.0" in messages[0] and "1.1" in messages[0]
     assert all(type(m) is StandardisedConv2d for m in converted[1])
+
+
+def test_subclass_overriding_conv_forward_is_kept_with_the_warning():
+    model = _net(ConvForwardStandardisedConv2d(4, 6, 3))
+    with pytest.warns(UserWarning, match="own forward") as record:
+        converted = convert(model)
+    assert type(converted[1]) is ConvForwardStandardisedConv2d
+    assert "ConvForwardStandardisedConv2d: 1" in str(record[0].message)
 
 
 def test_excluded_subclass_is_kept_silently_and_mapped_class_is_converted():

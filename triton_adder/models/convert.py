@@ -48,12 +48,14 @@ def convert(
 
     What happens to each kind of convolution:
 
-    - `nn.Conv2d`, and subclasses that keep `nn.Conv2d.forward` (`type(m).forward is
-      nn.Conv2d.forward`): replaced by an `Adder2d` with the same hyperparameters.
+    - `nn.Conv2d`, and subclasses that keep both `nn.Conv2d.forward` and `nn.Conv2d._conv_forward`
+      (`type(m).forward is nn.Conv2d.forward`, likewise `_conv_forward`): replaced by an `Adder2d`
+      with the same hyperparameters.
     - a class in `mapping`: replaced by `mapping[cls](conv)`.
     - timm's `Conv2dSame` (TF-style "same" padding computed from the input size at run time):
       replaced by `triton_adder.nn.Adder2dSame`, which pads the same way, unless `mapping` names it.
-    - any other subclass with its own `forward` (weight standardisation, custom padding, ...): kept
+    - any other subclass with its own `forward` or `_conv_forward` (weight standardisation, custom
+      padding, ...; `forward` calls `_conv_forward`, so overriding either changes the result): kept
       as it is, with one warning naming those layers and their classes, because an `Adder2d` would
       silently compute something else. Map the class to convert it, or exclude it to silence this.
     - shared modules (one convolution under several names): one adder layer under all the names.
@@ -105,9 +107,9 @@ def convert(
     if unconvertible:
         listed = "; ".join(f"{cls}: {', '.join(names)}" for cls, names in unconvertible.items())
         warnings.warn(
-            f"convert kept {sum(map(len, unconvertible.values()))} convolution(s) whose class has its own forward, "
-            f"which an Adder2d would not reproduce ({listed}); pass mapping={{cls: factory}} to convert them "
-            "or exclude=[...] to keep them without this warning",
+            f"convert kept {sum(map(len, unconvertible.values()))} convolution(s) whose class has its own forward "
+            f"or _conv_forward, which an Adder2d would not reproduce ({listed}); "
+            "pass mapping={cls: factory} to convert them or exclude=[...] to keep them without this warning",
             UserWarning,
             stacklevel=2,
         )
@@ -118,7 +120,9 @@ def _factory(cls: type, mapping: dict, copy_weights: bool, grad_mode: str):
     """How to convert a convolution of class `cls`: a callable (name, conv) -> module, or None to keep it."""
     if cls in mapping:
         return lambda name, conv: mapping[cls](conv)
-    if cls.forward is nn.Conv2d.forward:
+    # nn.Conv2d.forward is a call to self._conv_forward: a subclass overriding only that (weight
+    # standardisation done there) computes something other than a plain convolution too.
+    if cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward:
         return lambda name, conv: _adder_like(name, conv, copy_weights, grad_mode, Adder2d)
     if (cls.__module__, cls.__name__) == TIMM_CONV2D_SAME:
         return lambda name, conv: _adder_like(name, conv, copy_weights, grad_mode, Adder2dSame)
