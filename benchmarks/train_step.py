@@ -92,7 +92,8 @@ def compare(batch: int, repeats: int, precisions, context: distributed.Context) 
 
 
 def table(rows: list[dict], label: str) -> list[str]:
-    lines = [f"{label}", f"{'precision':<14} {'AdderNet ms':>12} {'CNN ms':>8} {'ratio':>6} {'first step s (adder/CNN)':>26}"]
+    header = f"{'precision':<14} {'AdderNet ms':>12} {'CNN ms':>8} {'ratio':>6} {'first step s (adder/CNN)':>26}"
+    lines = [label, header]
     for r in rows:
         lines.append(f"{r['precision']:<14} {r['adder_ms']:>12.1f} {r['cnn_ms']:>8.1f} {r['ratio']:>6.2f} "
                      f"{r['adder_first_s']:>17.1f} / {r['cnn_first_s']:.1f}")
