@@ -234,3 +234,19 @@ def test_triton_backend_through_the_op(case):
     cout, _, kh, kw = weight.shape
     assert_matches_reference(x.grad, grad_x, torch.float32, cout // kwargs["groups"] * kh * kw)
     assert_matches_reference(weight.grad, grad_w, torch.float32, x.shape[0] * geom.out_size[0] * geom.out_size[1])
+
+
+@pytest.mark.parametrize("compiled", ["0", "1"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_output_can_be_modified_in_place(monkeypatch, compiled, groups):
+    # Models apply ReLU(inplace=True) straight after a convolution (timm's squeeze-excite blocks);
+    # autograd refuses that on a custom op's output if it is a view, as the CPU eager path's was.
+    monkeypatch.setenv("TRITON_ADDER_CPU_COMPILE", compiled)
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = triton_adder.adder2d(x, weight, groups=groups, padding=1)
+    geom = resolve_geometry(x.shape[2:], weight.shape[2:], padding=1, groups=groups)
+    expected = reference.adder2d_forward(x.detach(), weight.detach(), None, geom).relu()
+    y.relu_().sum().backward()
+    torch.testing.assert_close(y.detach(), expected)
+    assert x.grad is not None and weight.grad is not None

@@ -83,14 +83,9 @@ class Adder2d(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        output = adder2d(
+        return adder2d(
             input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.grad_mode
         )
-        # The CPU path returns a view of its grouped [N, G, Cout/G, Ho, Wo] result, and autograd
-        # forbids modifying a custom op's view output in place, which converted models do (timm's
-        # squeeze-excite blocks apply ReLU(inplace=True) straight after a convolution). One copy
-        # of the output is small beside its Cin/groups*kh*kw-term reduction per element.
-        return output.clone() if output._base is not None else output
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

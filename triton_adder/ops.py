@@ -53,7 +53,11 @@ def _adder2d_forward(
         return x.new_empty((0, weight.shape[0], *geom.out_size))
     with _without_autocast(x):
         y = backend_for(x).forward(x, weight, bias, geom)
-    return y.contiguous(memory_format=contract.memory_format(x))
+    y = y.contiguous(memory_format=contract.memory_format(x))
+    # A backend may return a view of its own buffer (the CPU eager path reshapes a grouped result);
+    # autograd forbids in-place ops on a custom op's view output, and models apply them right after
+    # a convolution (ReLU(inplace=True) in squeeze-excite blocks), so hand back a tensor of its own.
+    return y if y._base is None else y.clone(memory_format=contract.memory_format(x))
 
 
 @_adder2d_forward.register_fake

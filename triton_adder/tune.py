@@ -269,8 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tune_kernels:
         identity = lookup.identity(device)
         cache = lookup.cache_for(device)
-        print(f"rank {context.rank}/{context.world_size}: " if context.distributed else "", end="", file=sys.stderr)
-        print(f"model {args.model}, {'batch 1 (shrunk problems)' if shrink else f'batch {batch}'}, {args.dtype}, "
+        rank = f"rank {context.rank}/{context.world_size}: " if context.distributed else ""
+        print(f"{rank}model {args.model}, {'batch 1 (shrunk problems)' if shrink else f'batch {batch}'}, {args.dtype}, "
               f"ops {','.join(ops)}, device {identity.name} ({identity.capability}, Triton {identity.triton_version}), "
               f"cache {cache.path}", file=sys.stderr)
         started = time.perf_counter()
