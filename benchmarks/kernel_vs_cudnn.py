@@ -316,7 +316,7 @@ class LayerRun:
                 return Implementation(lambda: backend.grad_weight(gy, x, w, geom, mode, method="conv_identity"),
                                       "conv_identity")  # fmt: skip
             # The config the layer would launch: the tuning cache (user's, then shipped), else the default.
-            config = configs.lookup(op, x, w, geom)
+            config = configs.lookup(op, x, w, geom, mode)
             source = "tuned" if config is not None else "default"
             if op == "forward":
                 config = config or fwd.default_config(x, w, geom)
@@ -326,7 +326,9 @@ class LayerRun:
                 fn = lambda: gi.grad_input(gy, x, w, geom, mode, config)  # noqa: E731
             else:
                 config = config or gw.default_grad_weight_config(x.shape, w.shape, geom, x.device.type)
-                fn = lambda: gw.grad_weight(gy, x, w, geom, mode, config)  # noqa: E731
+                choice = configs.grad_weight_choice(x, w, geom, mode)  # the tuned split goes with the tuned config
+                split_k = choice.split_k if source == "tuned" and choice is not None else None
+                fn = lambda: gw.grad_weight(gy, x, w, geom, mode, config, split_k)  # noqa: E731
             return Implementation(fn, f"{source} {config.as_dict()}", config)
         arguments = self.conv_arguments()
         if arguments is None:

@@ -12,6 +12,11 @@ GRAD_MODES = ("paper", "exact")
 """"paper": the full-precision weight gradient (eq. 5) and HardTanh input gradient (eq. 6) of
 DESIGN.md section 1; "exact": the sign derivatives of the forward."""
 
+GRAD_WEIGHT_METHODS = ("triton", "conv_identity")
+"""How a weight gradient can be computed: "triton", the split-reduction kernel (both grad modes);
+"conv_identity", convolutions plus a per-channel correction (paper mode only, DESIGN.md section 1).
+The tuner searches between them and caches the winner (`autotune.lookup.GradWeightChoice`)."""
+
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 """Every dtype `adder2d` accepts, by name (the CLIs' --dtype values)."""
 

@@ -11,30 +11,71 @@ of its `geometry.LayerShape`), batch bucketed to a power of two: lookup takes th
 then the nearest one, then None.
 Timings taken by wall clock (interpreter/CPU) are never used on a GPU.
 
-Every answer is memoised per (op, device, dtype, shapes, strides, geometry), so after the first
-call for a shape a lookup is one dict probe; `clear()` forgets (the tuner calls it after storing;
-call it too after changing $TRITON_ADDER_CACHE_DIR in a running process).
+The backward ops' entries are also keyed by grad_mode (the kernels compile differently for each,
+and only paper mode may take the convolution identity). A "grad_weight" entry is a choice, not
+only a launch config: the method (`contract.GRAD_WEIGHT_METHODS`) and, for the kernel, its
+KernelConfig and the split of its reduction (`GradWeightChoice`; `grad_weight_choice` reads it).
+
+Every answer is memoised per (op, device, dtype, shapes, strides, geometry, grad_mode), so after the
+first call for a shape a lookup is one dict probe; `clear()` forgets (the tuner calls it after
+storing; call it too after changing $TRITON_ADDER_CACHE_DIR in a running process).
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
 import torch
 
-from triton_adder.contract import layout_name
+from triton_adder.contract import GRAD_MODES, GRAD_WEIGHT_METHODS, layout_name
 from triton_adder.geometry import Conv2dGeometry, LayerShape
 from triton_adder.kernels.launch_config import KernelConfig
 from triton_adder.tuning import DeviceIdentity, TuningCache, device_identity
 
 OPS = ("forward", "grad_input", "grad_weight")
+BACKWARD_OPS = ("grad_input", "grad_weight")
 CACHE_DIR_ENV = "TRITON_ADDER_CACHE_DIR"
 APP_NAME = "triton-adder"
 
-_memo: dict[tuple, KernelConfig | None] = {}
+
+@dataclass(frozen=True)
+class GradWeightChoice:
+    """How one weight-gradient problem is computed: what the tuner searched and cached for it.
+
+    method: one of `contract.GRAD_WEIGHT_METHODS`; config and split_k: the kernel's launch config
+    and the number of splits of its N*Ho*Wo reduction (`kernels.grad_weight.grad_weight_split`),
+    used when method is "triton". As a plain dict (the tuner's config and cache format) it is the
+    KernelConfig's fields plus "method" and "split_k".
+    """
+
+    method: str
+    config: KernelConfig
+    split_k: int
+
+    def as_dict(self) -> dict:
+        return {**self.config.as_dict(), "method": self.method, "split_k": self.split_k}
+
+    @classmethod
+    def from_dict(cls, values: dict, argument: str = "grad_weight choice") -> GradWeightChoice:
+        """Parse the dict form, with ValueError naming `argument` and what is accepted."""
+        values = dict(values)
+        if "method" not in values or "split_k" not in values:
+            raise ValueError(f"{argument} needs 'method' and 'split_k' besides the kernel config, got {sorted(values)}")
+        method, split_k = values.pop("method"), values.pop("split_k")
+        if method not in GRAD_WEIGHT_METHODS:
+            raise ValueError(f"{argument}.method must be one of {GRAD_WEIGHT_METHODS}, got {method!r}")
+        if not (isinstance(split_k, int) and not isinstance(split_k, bool) and split_k >= 1):
+            raise ValueError(f"{argument}.split_k must be a positive int, got {split_k!r}")
+        return cls(method, KernelConfig.from_dict(values, argument=argument), split_k)
+
+
+_memo: dict[tuple, KernelConfig | GradWeightChoice | None] = {}
 _caches: dict[tuple[str, Path], TuningCache] = {}
 _identities: dict[torch.device, DeviceIdentity] = {}
 
@@ -59,10 +100,22 @@ def kernel_hash(op: str) -> str:
 
         return GRAD_INPUT_KERNEL_HASH
     if op == "grad_weight":
+        # The entry is a choice between the kernel and the convolution identity, so it is only
+        # valid for both sources (and for this choice's format: an older kernel-only entry is not one).
+        from triton_adder.backends import conv_identity
         from triton_adder.kernels.grad_weight import GRAD_WEIGHT_KERNEL_HASH
 
-        return GRAD_WEIGHT_KERNEL_HASH
+        digest = hashlib.sha256(f"{GRAD_WEIGHT_KERNEL_HASH} method,split_k ".encode())
+        digest.update(inspect.getsource(conv_identity).encode())
+        return digest.hexdigest()
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
+
+
+def op_problem(op: str, problem: dict, grad_mode: str) -> dict:
+    """The cache's problem key for `op`: `problem` (`problem_key`), plus "grad_mode" for the backward ops."""
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    return {**problem, "grad_mode": grad_mode} if op in BACKWARD_OPS else dict(problem)
 
 
 def problem_key(shape: LayerShape) -> dict:
@@ -105,38 +158,60 @@ def cache_for(device: torch.device, directory: str | Path | None = None) -> Tuni
     return _caches[key]
 
 
-def lookup(op: str, x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry) -> KernelConfig | None:
-    """Tuned KernelConfig for launching `op` on these operands, or None (use the launcher's default).
-
-    op: "forward", "grad_input" or "grad_weight" (the weight-gradient *kernel*'s config);
-    x: the layer input (N, Cin, H, W); weight (Cout, Cin/groups, kh, kw); geom: the resolved
-    geometry. Memoised per shape; never raises for a missing or unreadable cache.
-    """
-    key = (op, x.device, x.dtype, tuple(x.shape), x.stride(), tuple(weight.shape), geom)
+def _cached(op: str, x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry, grad_mode: str):
+    """The parsed cache entry for this call (KernelConfig, or GradWeightChoice for "grad_weight"), or None."""
+    key = (op, x.device, x.dtype, tuple(x.shape), x.stride(), tuple(weight.shape), geom, grad_mode)
     try:
         return _memo[key]
     except KeyError:
         pass
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    config = None
+    problem = op_problem(op, problem_key(LayerShape.of(x.shape, weight.shape, geom)), grad_mode)
+    found = None
     try:
-        cache = cache_for(x.device)
-        hit = cache.lookup(
+        hit = cache_for(x.device).lookup(
             op,
             kernel_hash(op),
             str(x.dtype).removeprefix("torch."),
             layout_name(x),
-            problem_key(LayerShape.of(x.shape, weight.shape, geom)),
+            problem,
             allow_functional=x.device.type != "cuda",  # a wall-clock ranking says nothing about a GPU
         )
-        if hit is not None:
-            config = KernelConfig.from_dict(hit.config, argument=f"cached {op} config")
+        if hit is not None and op == "grad_weight":
+            found = GradWeightChoice.from_dict(hit.config, argument="cached grad_weight choice")
+            if found.method == "conv_identity" and grad_mode == "exact":
+                raise ValueError("cached grad_weight choice: method 'conv_identity' cannot compute grad_mode='exact'")
+        elif hit is not None:
+            found = KernelConfig.from_dict(hit.config, argument=f"cached {op} config")
     except (OSError, ValueError, TypeError) as error:
-        warnings.warn(f"ignoring the tuning cache for {op}: {error}", RuntimeWarning, stacklevel=2)
-        config = None
-    _memo[key] = config
-    return config
+        warnings.warn(f"ignoring the tuning cache for {op}: {error}", RuntimeWarning, stacklevel=3)
+        found = None
+    _memo[key] = found
+    return found
+
+
+def lookup(
+    op: str, x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry, grad_mode: str = "paper"
+) -> KernelConfig | None:
+    """Tuned KernelConfig for launching `op`'s Triton kernel on these operands, or None (use the default).
+
+    op: "forward", "grad_input" or "grad_weight" (the weight-gradient *kernel*'s config: None when
+    the cached choice is the convolution identity, see `grad_weight_choice`); x: the layer input
+    (N, Cin, H, W); weight (Cout, Cin/groups, kh, kw); geom: the resolved geometry. Memoised per
+    shape; never raises for a missing or unreadable cache.
+    """
+    found = _cached(op, x, weight, geom, grad_mode)
+    if isinstance(found, GradWeightChoice):
+        return found.config if found.method == "triton" else None
+    return found
+
+
+def grad_weight_choice(
+    x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry, grad_mode: str
+) -> GradWeightChoice | None:
+    """The tuned weight-gradient choice (method, kernel config, split) for this call, or None."""
+    return _cached("grad_weight", x, weight, geom, grad_mode)
 
 
 def clear() -> None:

@@ -3,7 +3,9 @@
 forward: BLOCK_M output positions x BLOCK_N output channels, BLOCK_K input channels per step;
 grad_input: BLOCK_M input positions x BLOCK_N input channels, BLOCK_K output channels per step.
 Both are the same rank-1 implicit GEMM loop, so they search the same space. grad_weight:
-BLOCK_M output x BLOCK_N input channels, BLOCK_K reduction steps unrolled.
+BLOCK_M output x BLOCK_N input channels, BLOCK_K reduction steps unrolled, and two more knobs:
+split_k (splits of the N*Ho*Wo reduction) and method (the kernel or the convolution identity,
+`contract.GRAD_WEIGHT_METHODS`), so the layer takes whichever the search found fastest.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from triton_adder.autotune.lookup import OPS
-from triton_adder.kernels.launch_config import MAX_ACCUMULATORS_PER_THREAD, KernelConfig
+from triton_adder.contract import GRAD_WEIGHT_METHODS
+from triton_adder.kernels.launch_config import MAX_ACCUMULATORS_PER_THREAD, KernelConfig, kernel_config_of
 from triton_adder.tuning import Constraint, estimate_at_most, tile_within
 
 OP_GROUPS = {"fwd": ("forward",), "bwd": ("grad_input", "grad_weight")}
@@ -37,6 +40,34 @@ FULL_SPACES = {
         "num_stages": (1, 2, 3),
     },
 }
+
+
+# Splits of the weight gradient's reduction the search tries (besides the heuristic default's,
+# `kernels.grad_weight.default_split_k`): from one (no workspace) to enough programs for any SM count.
+SPLIT_K_VALUES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def grad_weight_methods(grad_mode: str) -> tuple[str, ...]:
+    """The weight-gradient methods that compute `grad_mode` (the identity gives the paper gradient only)."""
+    return tuple(m for m in GRAD_WEIGHT_METHODS if grad_mode == "paper" or m != "conv_identity")
+
+
+def identity_takes_the_defaults(default: Mapping) -> Constraint:
+    """The convolution identity launches no kernel: its one config carries the default's kernel knobs and split."""
+    knobs = [name for name in default if name != "method"]
+
+    def accepts(config: Mapping) -> bool:
+        return config["method"] != "conv_identity" or all(config[k] == default[k] for k in knobs)
+
+    return Constraint("method conv_identity only with the default's kernel knobs", accepts)
+
+
+def splits_within(reduction_length: int) -> Constraint:
+    """Every split of the weight gradient's reduction gets at least one BLOCK_K step (more are the same launch)."""
+    return Constraint(
+        f"split_k * block_k <= {reduction_length} (the reduction length)",
+        lambda config: config["split_k"] == 1 or config["split_k"] * config["block_k"] <= reduction_length,
+    )
 
 
 def parse_ops(text: str) -> tuple[str, ...]:
@@ -75,7 +106,7 @@ ACCUMULATOR_CONSTRAINT = Constraint(f"block_m*block_n/(32*num_warps) <= {MAX_ACC
 
 def _valid_kernel_config(config: Mapping) -> bool:
     try:
-        KernelConfig(**config).validate()
+        kernel_config_of(config).validate()
         return True
     except ValueError:
         return False
@@ -110,7 +141,7 @@ def launcher_accepts(validate: Callable[[KernelConfig], object], name: str) -> C
 
     def accepts(config: Mapping) -> bool:
         try:
-            validate(KernelConfig(**config))
+            validate(kernel_config_of(config))
             return True
         except ValueError:
             return False

@@ -1,8 +1,10 @@
 """One (op, layer problem) described to the generic tuner: operands, runner, default, space, constraints.
 
 The runners launch the kernels with the config under test (`kernels.forward.forward`,
-`kernels.grad_input.grad_input`, `kernels.grad_weight.grad_weight`); the winner's output is checked
-against the default config's (`outputs_match`).
+`kernels.grad_input.grad_input`); the weight gradient's runner is the layer's own entry point
+(`backends.triton.grad_weight`) with the method, kernel config and split under test, so the kernel
+competes with the convolution identity. The winner's output is checked against the default
+config's (`outputs_match`).
 """
 
 from __future__ import annotations
@@ -13,18 +15,24 @@ from collections.abc import Callable
 
 import torch
 
+from triton_adder.autotune.lookup import GradWeightChoice, op_problem
 from triton_adder.autotune.problems import LayerProblem
 from triton_adder.autotune.spaces import (
     ACCUMULATOR_CONSTRAINT,
     FULL_SPACES,
     OPS,
     SHARED_MEMORY_BYTES,
+    SPLIT_K_VALUES,
     constraints,
+    grad_weight_methods,
+    identity_takes_the_defaults,
     launcher_accepts,
     reduced_space,
+    splits_within,
 )
+from triton_adder.backends import triton as triton_backend
 from triton_adder.kernels import forward, grad_input, grad_weight
-from triton_adder.kernels.launch_config import KernelConfig
+from triton_adder.kernels.launch_config import KernelConfig, kernel_config_of
 from triton_adder.measure import sass
 from triton_adder.tolerance import tolerances
 from triton_adder.tuning import ScreenResult, SearchSpace, Tunable
@@ -71,8 +79,8 @@ def compile_screen(op: str, x, weight, geom, grad_mode: str, arch: int) -> Calla
     shared_limit = SHARED_MEMORY_LIMITS[arch]
 
     def screen(config: dict) -> ScreenResult:
-        stats = sass.compile_stats(
-            op, x_meta, weight_meta, geom, KernelConfig(**config), grad_mode=grad_mode, arch=arch
+        stats = sass.compile_stats(  # the kernel's knobs only: a weight gradient's split is a run-time argument
+            op, x_meta, weight_meta, geom, kernel_config_of(config), grad_mode=grad_mode, arch=arch
         )
         if stats.spills:
             return ScreenResult(False, "spills", stats.instructions_per_element)
@@ -158,23 +166,31 @@ def make_tunable(
 
         extra = [ACCUMULATOR_CONSTRAINT]
     else:
-        default = grad_weight.default_grad_weight_config(x.shape, weight.shape, geom, device.type)
+        kernel_default = grad_weight.default_grad_weight_config(x.shape, weight.shape, geom, device.type)
+        default_split, _ = grad_weight.grad_weight_split(n, weight.shape, geom, kernel_default, device)
+        method = triton_backend.default_grad_weight_method(device, grad_mode)
+        default = GradWeightChoice(method, kernel_default, default_split)
         extents = {"block_m": tg, "block_n": cg, "block_k": n * ho * wo}
         reduction = n * ho * wo
 
         def run(config):
-            return grad_weight.grad_weight(grad_out, x, weight, geom, grad_mode, KernelConfig(**config))
+            choice = GradWeightChoice.from_dict(config)
+            return triton_backend.grad_weight(grad_out, x, weight, geom, grad_mode, method=choice.method,
+                                              config=choice.config, split_k=choice.split_k)  # fmt: skip
 
-        extra = [ACCUMULATOR_CONSTRAINT]
+        extra = [ACCUMULATOR_CONSTRAINT, splits_within(reduction), identity_takes_the_defaults(default.as_dict())]
 
     default = default.as_dict()
     arch = screen_arch_for(device, screen_arch)
     screen = None if arch is None else compile_screen(op, x, weight, geom, grad_mode, arch)
     values = reduced_space(default, 16 if problem.reduced_from is not None else 32) if quick else FULL_SPACES[op]
+    if op == "grad_weight":  # the method always competes; the full search also tries the splits
+        split_values = (default["split_k"],) if quick else tuple(sorted({*SPLIT_K_VALUES, default["split_k"]}))
+        values = {**values, "split_k": split_values, "method": grad_weight_methods(grad_mode)}
     return Tunable(
         name=op,
         space=SearchSpace.from_dict(values),
-        problem=problem.cache_problem(),
+        problem=op_problem(op, problem.cache_problem(), grad_mode),
         run=run,
         default=default,
         constraints=constraints(extents, values, element_bytes, extra),

@@ -90,7 +90,7 @@ def tune_model(
         layer = problem.layers[0] + (f" (+{len(problem.layers) - 1})" if len(problem.layers) > 1 else "")
         if progress is not None:
             progress(done, len(jobs), f"{layer} {op}")
-        key = problem.cache_problem()
+        key = lookup.op_problem(op, problem.cache_problem(), grad_mode)
         row = Row(layer, op, problem.shape_text, "tuned",
                   model_shape=problem.model_shape_text if problem.reduced_from is not None else "", rank=rank)
         hit = cache.lookup(

@@ -7,11 +7,14 @@ on these GPUs, and the kernels are written for float32 accumulation), so float64
 portable torch path in `triton_adder.backends.cpu`, which is written with device-agnostic torch
 operations.
 
-The weight gradient has two methods, and which one a call takes is this backend's policy:
+The weight gradient has two methods (`contract.GRAD_WEIGHT_METHODS`):
 
 - "triton": the split-reduction kernel `triton_adder.kernels.grad_weight` (both grad modes);
 - "conv_identity": `triton_adder.backends.conv_identity` (paper mode only; exact mode needs a sign
   per element, so it always takes the kernel).
+
+Which one a layer call takes is what the tuner cached for its shape (`lookup.grad_weight_choice`:
+method, kernel config and split, searched together), else `default_grad_weight_method`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from triton_adder.autotune import lookup as configs
 from triton_adder.backends import conv_identity
+from triton_adder.contract import GRAD_WEIGHT_METHODS
 from triton_adder.geometry import Conv2dGeometry
 from triton_adder.kernels import forward as forward_kernel
 from triton_adder.kernels import grad_input as grad_input_kernel
@@ -27,14 +31,13 @@ from triton_adder.kernels import grad_weight as grad_weight_kernel
 from triton_adder.kernels.gradients import check_grad_mode, check_operands
 from triton_adder.kernels.launch_config import KernelConfig, check_config
 
-GRAD_WEIGHT_METHODS = ("triton", "conv_identity")
-
 DEFAULT_GRAD_WEIGHT_METHOD = {"cuda": "conv_identity", "cpu": "conv_identity"}
 """Per device type, the faster weight-gradient method for grad_mode="paper". Both are one
 multiply-add per reduced element, but the kernel's sm_90 loop issues 1.8-1.9 instructions per
 element (SASS screen, see `kernels.grad_weight.default_grad_weight_config`) where cuDNN's tuned FFMA
 loops come near 1, and the identity's correction is a cheap (Cout,) reduction: the identity is the
-default until a GPU measurement says otherwise. The interpreter is far slower than aten on the CPU."""
+default until a GPU measurement says otherwise, and the tuner's cached choice overrides it per shape.
+The interpreter is far slower than aten on the CPU."""
 
 
 def _portable(x: torch.Tensor) -> bool:
@@ -54,7 +57,7 @@ def grad_input(grad_out, x, weight, geom: Conv2dGeometry, grad_mode: str) -> tor
         from triton_adder.backends import cpu  # noqa: PLC0415
 
         return cpu.grad_input(grad_out, x, weight, geom, grad_mode)
-    config = configs.lookup("grad_input", x, weight, geom)
+    config = configs.lookup("grad_input", x, weight, geom, grad_mode)
     return grad_input_kernel.grad_input(grad_out, x, weight, geom, grad_mode, config)
 
 
@@ -78,16 +81,21 @@ def grad_weight(
 ) -> torch.Tensor:
     """Weight gradient (Cout, Cin/groups, kh, kw), contiguous, in weight's dtype.
 
-    method: "triton", "conv_identity" (paper mode only) or None (`default_grad_weight_method`;
-    float64 operands then take the portable path). config and split_k apply to the kernel: config
-    None takes the tuner's cached config for this shape, else the kernel's heuristic default; a
-    config given with method="conv_identity" is still checked, and unused.
+    method, config and split_k all None: the tuner's cached choice for this shape and grad_mode
+    (`lookup.grad_weight_choice`), else `default_grad_weight_method` with the kernel's defaults;
+    float64 operands then take the portable path. method: "triton", "conv_identity" (paper mode
+    only) or None (`default_grad_weight_method`). config and split_k apply to the kernel: config
+    None takes the tuner's cached kernel config for this shape, else the kernel's heuristic
+    default; a config given with method="conv_identity" is still checked, and unused.
     """
-    if method is None and config is None and split_k is None and _portable(x):
+    unspecified = method is None and config is None and split_k is None
+    if unspecified and _portable(x):
         from triton_adder.backends import cpu  # noqa: PLC0415
 
         return cpu.grad_weight(grad_out, x, weight, geom, grad_mode)
     check_grad_mode(grad_mode)
+    if unspecified and (choice := configs.grad_weight_choice(x, weight, geom, grad_mode)) is not None:
+        method, config, split_k = choice.method, choice.config, choice.split_k
     if method is None:
         method = default_grad_weight_method(x.device, grad_mode)
     if method not in GRAD_WEIGHT_METHODS:
@@ -103,5 +111,5 @@ def grad_weight(
         check_operands(grad_out, x, weight, geom)
         return conv_identity.grad_weight(grad_out, x, weight, geom)
     if config is None:
-        config = configs.lookup("grad_weight", x, weight, geom)
+        config = configs.lookup("grad_weight", x, weight, geom, grad_mode)
     return grad_weight_kernel.grad_weight(grad_out, x, weight, geom, grad_mode, config, split_k)

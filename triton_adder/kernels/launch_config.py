@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
 from triton_adder.contract import is_power_of_two, next_power_of_two
@@ -60,6 +61,11 @@ class KernelConfig:
         if unknown:
             raise ValueError(f"{argument} has unknown keys {sorted(unknown)}; accepted: {sorted(known)}")
         return cls(**values).validate(argument)
+
+
+def kernel_config_of(values: Mapping) -> KernelConfig:
+    """The KernelConfig in a tuner config that may hold other knobs too (a weight gradient's method, split)."""
+    return KernelConfig(**{f.name: values[f.name] for f in fields(KernelConfig) if f.name in values})
 
 
 def check_config(config, argument: str = "config") -> KernelConfig:

@@ -60,23 +60,31 @@ def default_batch_size(model_name: str, device: torch.device) -> int:
 
 
 def tuned_config(op: str, x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry):
-    """(KernelConfig or None, reason): the tuner's cached config for `op` on this shape, if any."""
+    """(choice or None, reason): what the tuner cached for `op` on this shape, paper grad_mode.
+
+    A KernelConfig for "forward" and "grad_input"; for "grad_weight" a `lookup.GradWeightChoice`
+    (method, kernel config, split), since the search picks the method too.
+    """
     try:
         from triton_adder.autotune import lookup as configs  # noqa: PLC0415
     except Exception as error:  # noqa: BLE001
         return None, f"tuned-config lookup unavailable ({type(error).__name__}: {error})"
-    config = configs.lookup(op, x, weight, geom)
-    if config is None:
+    if op == "grad_weight":
+        found = configs.grad_weight_choice(x, weight, geom, "paper")
+    else:
+        found = configs.lookup(op, x, weight, geom, "paper")
+    if found is None:
         return None, "no tuned config cached for this shape on this device (run python -m triton_adder.tune)"
-    return config, ""
+    return found, ""
 
 
 def _triton_launchers(x, w, g, geom: Conv2dGeometry) -> tuple[dict, str]:
-    """({family: (default call, its config text, kernel launcher taking config=)}, why empty).
+    """({family: (default call, its config text, tuned call maker)}, why empty).
 
     The default call is the kernel with its heuristic config, and for the weight gradient the
-    library's default method (`backends.triton.default_grad_weight_method`); a tuned config
-    always runs on the kernel.
+    library's default method (`backends.triton.default_grad_weight_method`) with the kernel's
+    defaults; the tuned call maker takes what `tuned_config` found (for the weight gradient the
+    method, config and split the search picked, which is what the layer runs).
     """
     try:
         from triton_adder.backends import triton as triton_backend  # noqa: PLC0415  (needs Triton)
@@ -86,27 +94,33 @@ def _triton_launchers(x, w, g, geom: Conv2dGeometry) -> tuple[dict, str]:
     except Exception as error:  # noqa: BLE001  (no Triton here: the rows say so, the run goes on)
         return {}, f"Triton kernels unavailable ({type(error).__name__}: {error})"
 
-    def label(default_of, *args) -> str:
-        try:
-            return str(default_of(*args).as_dict())
-        except Exception:  # noqa: BLE001  (only a label; the launcher picks its own default anyway)
-            return "launcher default"
-
     device_type = x.device.type
     gradient_args = (g, x, w, geom, "paper")
-    launchers = {
-        "forward": (functools.partial(forward_kernel.forward, x, w, None, geom),
-                    label(forward_kernel.default_config, x, w, geom)),
-        "grad_input": (functools.partial(grad_input_kernel.grad_input, *gradient_args),
-                       label(grad_input_kernel.default_grad_input_config, x.shape, w.shape, geom, device_type)),
-        "grad_weight": (functools.partial(grad_weight_kernel.grad_weight, *gradient_args),
-                        label(grad_weight_kernel.default_grad_weight_config, x.shape, w.shape, geom, device_type)),
+    try:
+        defaults = {
+            "forward": forward_kernel.default_config(x, w, geom),
+            "grad_input": grad_input_kernel.default_grad_input_config(x.shape, w.shape, geom, device_type),
+            "grad_weight": grad_weight_kernel.default_grad_weight_config(x.shape, w.shape, geom, device_type),
+        }
+    except Exception as error:  # noqa: BLE001  (a shape the heuristics refuse: rows, not a crash)
+        return {}, f"no default launch config ({type(error).__name__}: {error})"
+    kernels = {
+        "forward": functools.partial(forward_kernel.forward, x, w, None, geom),
+        "grad_input": functools.partial(grad_input_kernel.grad_input, *gradient_args),
     }
-    rows = {family: (launch, text, launch) for family, (launch, text) in launchers.items()}
+    rows = {
+        family: (functools.partial(launch, config=defaults[family]), str(defaults[family].as_dict()),
+                 lambda config, launch=launch: functools.partial(launch, config=config))
+        for family, launch in kernels.items()
+    }  # fmt: skip
     method = triton_backend.default_grad_weight_method(x.device, "paper")
-    if method != "triton":
-        default = functools.partial(triton_backend.grad_weight, *gradient_args, method=method)
-        rows["grad_weight"] = (default, f"method={method}", launchers["grad_weight"][0])
+    weight_grad = functools.partial(triton_backend.grad_weight, *gradient_args)
+    rows["grad_weight"] = (
+        functools.partial(weight_grad, method=method, config=defaults["grad_weight"]),
+        f"method={method}" if method != "triton" else str(defaults["grad_weight"].as_dict()),
+        lambda choice: functools.partial(weight_grad, method=choice.method, config=choice.config,
+                                         split_k=choice.split_k),
+    )  # fmt: skip
     return rows, ""
 
 
@@ -139,7 +153,7 @@ def _adder_rows(rec: Recorder, common: dict, backend: str, dtype_name: str, x: t
             add(family, "default", reason=why)
             add(family, "tuned", reason=why)
             continue
-        default, default_text, launch = launchers[family]
+        default, default_text, tuned_call = launchers[family]
         add(family, "default", default, config=default_text)
         try:
             tuned, why_not = tuned_config(family, x, w, geom)
@@ -148,7 +162,7 @@ def _adder_rows(rec: Recorder, common: dict, backend: str, dtype_name: str, x: t
         if tuned is None:
             add(family, "tuned", reason=why_not)
         else:
-            add(family, "tuned", functools.partial(launch, config=tuned), config=str(tuned.as_dict()))
+            add(family, "tuned", tuned_call(tuned), config=str(tuned.as_dict()))
 
 
 def _layer_rows(rec: Recorder, shape: LayerShape, count: int, model_name: str, backend: str,
