@@ -138,8 +138,8 @@ def test_default_configs():
 @pytest.mark.parametrize("grad_mode", GRAD_MODES)
 @pytest.mark.parametrize("case", ["depthwise_stride2_pad2", "narrow_w16"])
 def test_gpu_narrow_layer_defaults_compute_the_gradient(case, grad_mode):
-    """The GPU defaults' narrow-layer branches (depthwise: 1 channel per program; 17-32 channels with
-    W a multiple of 16: 64 x 32 x 2 on one warp) run under the interpreter on odd shapes."""
+    """The GPU defaults' branches (depthwise: 1 channel per program; more than 16 channels: 32 x 32 x 2
+    on one warp) run under the interpreter on odd shapes."""
     cases = {**CASES, "narrow_w16": layer_case(1, 20, 3, 16, 7, (3, 3), padding=(1, 1))}
     x_shape, w_shape, geom = cases[case]
     gen = torch.Generator().manual_seed(11)
@@ -147,11 +147,38 @@ def test_gpu_narrow_layer_defaults_compute_the_gradient(case, grad_mode):
     weight = (torch.randn(w_shape, generator=gen) * 0.8).to(DEVICE)
     grad_out = torch.randn(x_shape[0], w_shape[0], *geom.out_size, generator=gen).to(DEVICE)
     config = gi.default_grad_input_config(x_shape, w_shape, geom, "cuda")
-    expected = {"depthwise_stride2_pad2": (1024, 1, 1, 4), "narrow_w16": (64, 32, 2, 1)}[case]
+    expected = {"depthwise_stride2_pad2": (1024, 1, 1, 4), "narrow_w16": (32, 32, 2, 1)}[case]
     assert (config.block_m, config.block_n, config.block_k, config.num_warps) == expected
     expected_x, _ = adder2d_backward(grad_out, x, weight, geom, grad_mode)
     actual = gi.grad_input(grad_out, x, weight, geom, grad_mode, config)
     assert_matches_reference(actual, expected_x, torch.float32, _input_terms(weight, geom))
+
+
+def test_grad_input_launch_reads_the_weight_with_input_channels_contiguous():
+    # grad_input tiles input channels: each step loads BLOCK_N of them for one (output channel, tap), so
+    # the launcher passes a (Cout, kh, kw, Cg)-stored copy whose Cg stride is 1 (Triton specialises it).
+    grad_out, x, weight, geom = _operands("stride2_groups2")
+    _, args, _ = gi.grad_input_launch(grad_out, x, weight, torch.empty_like(x), geom, "paper", SMALL)
+    launched = args[2]
+    assert launched.shape == weight.shape and torch.equal(launched, weight)
+    cout, cg, kh, kw = weight.shape
+    assert launched.stride() == (kh * kw * cg, 1, kw * cg, cg)
+    assert args[25:29] == launched.stride()  # the kernel's sw_t, sw_k, sw_i, sw_j
+    assert gi.input_channels_contiguous(launched).data_ptr() == launched.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "cg, stride, w, expected",
+    [(64, 1, 56, (32, 32, 2, 1)), (128, 2, 28, (32, 32, 2, 1)), (32, 1, 16, (32, 32, 2, 1)),
+     (32, 1, 15, (32, 32, 2, 1)), (16, 1, 32, (128, 16, 4, 2)), (8, 1, 32, (128, 16, 4, 2))],
+)  # fmt: skip
+def test_grad_input_default_is_the_screened_spill_free_config(cg, stride, w, expected):
+    # The one config with no LDL/STL and no SHFL under Triton 3.6 and 3.9, sm_80 and sm_90, on the
+    # screened ResNet layers (default_grad_input_config's docstring): W's width and the stride no longer
+    # pick a different tile (64 x 32 x 2 on one warp had 8 SHFL in the loop under both versions).
+    geom = Conv2dGeometry((stride, stride), (1, 1), (1, 1), 1, (w // stride, w // stride))
+    config = gi.default_grad_input_config((32, cg, w, w), (2 * cg, cg, 3, 3), geom, "cuda")
+    assert (config.block_m, config.block_n, config.block_k, config.num_warps) == expected
 
 
 def test_argument_errors_name_the_argument():

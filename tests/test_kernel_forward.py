@@ -138,6 +138,22 @@ def test_int64_flag_follows_tensor_extent():
     assert fwd.kernel_launch(x_reaching, weight, None, y, geom, KernelConfig(16, 16, 4))[2]["USE_INT64"] is True
 
 
+def test_launch_reads_the_weight_with_output_channels_contiguous():
+    # A k step loads BLOCK_N output channels of one (input channel, tap): stride 1 between them (which
+    # Triton specialises) is what lets a warp's lanes share 32-byte sectors instead of one sector each.
+    x, weight, bias, kwargs = _inputs((2, 6, 7, 5, 4, 3, 1, 1, 1, 2, True))  # groups=2: Cin/g=3, Cout/g=2
+    geom = _geometry(x, weight, kwargs)
+    y = torch.empty(x.shape[0], weight.shape[0], *geom.out_size)
+    _, args, _ = fwd.kernel_launch(x, weight, bias, y, geom, SMALL_CONFIGS[0])
+    launched = args[1]
+    assert launched.shape == weight.shape and torch.equal(launched, weight)
+    cout, cg, kh, kw = weight.shape
+    assert launched.stride() == (1, kh * kw * cout, kw * cout, cout)
+    assert args[15:19] == launched.stride()  # the kernel's stride_wt, stride_wc, stride_wh, stride_ww
+    # Already Cout-contiguous: passed as is, no copy.
+    assert fwd.output_channels_contiguous(launched).data_ptr() == launched.data_ptr()
+
+
 def test_int64_indexing_path_matches_reference():
     # Force the 64-bit index math on a small shape: the flag must change arithmetic width only.
     x, weight, bias, kwargs = _inputs(CASES[2])

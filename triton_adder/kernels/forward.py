@@ -154,11 +154,24 @@ def default_config(x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry) 
     return KernelConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=4, num_stages=2)
 
 
+def output_channels_contiguous(weight: torch.Tensor) -> torch.Tensor:
+    """weight (Cout, Cg, kh, kw) as a view of the same shape whose storage is (Cg, kh, kw, Cout).
+
+    A tile's k step loads BLOCK_N output channels of one (input channel, tap); in the
+    (Cout, Cg, kh, kw) layout they sit Cg*kh*kw elements apart, one 32-byte sector each, and load
+    as scalar LDG. With Cout contiguous (stride 1, which Triton specialises and so the compiler
+    sees) they are one contiguous run: vector loads, one sector per 8 float32. The copy is one pass
+    over W per call (Cout*Cg*kh*kw elements), small beside the N*Ho*Wo*Cout*Cg*kh*kw-term reduction;
+    a weight already in this layout is passed as is.
+    """
+    return weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+
+
 def kernel_launch(x, weight, bias, y, geom: Conv2dGeometry, config: KernelConfig):
     """(grid, positional args, keyword args) for adder2d_forward_kernel writing into y.
 
     Shared by `forward` and the SASS screen (benchmarks/sass_screen.py), so both see the same
-    specialisation.
+    specialisation. The kernel reads the weight through `output_channels_contiguous` (args[1]).
     """
     n, cin, h, w = x.shape
     cout, channels_per_group, kh, kw = weight.shape
@@ -166,6 +179,7 @@ def kernel_launch(x, weight, bias, y, geom: Conv2dGeometry, config: KernelConfig
     outputs_per_group = cout // geom.groups
     m = n * ho * wo
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(outputs_per_group, config.block_n), geom.groups)
+    weight = output_channels_contiguous(weight)
     args = (
         x, weight, bias if bias is not None else y, y,
         m, channels_per_group, outputs_per_group, h, w, ho, wo,

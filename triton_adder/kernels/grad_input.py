@@ -146,23 +146,27 @@ GRAD_INPUT_KERNEL_HASH = source_hash(grad_input_kernel, _grad_input_step, _sign)
 def default_grad_input_config(x_shape, weight_shape, geom: Conv2dGeometry, device_type: str = "cuda") -> KernelConfig:
     """Heuristic launch config of `grad_input_kernel` for x (N, Cin, H, W) and weight (Cout, Cg, kh, kw).
 
-    GPU: 64 positions x 32 input channels, 4 output channels per step, 2 warps (32 accumulators
-    and 32 X/2 values per thread). Screened on sm_90 SASS (ResNet 64-channel 3x3 layer, float32):
-    2.09 FP32 and 2.88 instructions in all per element, no spills; 128 x 64 tiles or 8 output
-    channels per step spill (the X tile doubles the live registers of the forward's loop).
-    Narrower groups take 16 channels and twice the positions. Interpreter (CPU): 16 x 16 x 4.
-
-    Narrow layers (same screen): when W is a multiple of 16, Triton's launcher specialisation lets
-    the compiler see that positions are contiguous and it picks a position-major register layout,
-    in which the per-channel W/2 + 1/2 and per-position 2gY are amortised over fewer elements
-    (2.31-2.38 FP32 per element at 2 warps). For 17-32 channels at stride 1, 64 x 32 x 2 on ONE warp
-    gets 2.08-2.14 FP32 / 2.58-2.77 in all (NCHW and channels_last), but the same config spills
-    hundreds of LDL/STL when W is not a multiple of 16 or the stride is 2 (channel-major layout), so
-    it is taken only there. 16 channels stay at 2.38 FP32 / 3.48: no screened config (block_m
-    32-512, block_k 1-8, 1-4 warps) beats it without spilling. Depthwise (Cg == 1): a 16-wide
-    channel tile is 15/16 masked lanes and spilled 88 LDL/STL; 1024 positions x 1 channel on 4
-    warps has no spills and ~21 instructions per useful term:
-    one term per (position, tap), so per-position index math and range checks dominate.
+    GPU, more than 16 channels per group: 32 positions x 32 input channels, 2 output channels per
+    step, ONE warp (32 accumulators and 32 X/2 values per thread), the same config under Triton 3.6
+    and 3.9. Screened with the weight read Cg-contiguous (`input_channels_contiguous`), float32,
+    paper mode, sm_80 and sm_90, Triton 3.6.0 and 3.9.0 (benchmarks/sass_screen.py and
+    results/benchmarks/sass_matrix_after.txt): on the ResNet 64-channel 3x3, 128->256 stride-2 3x3,
+    256-channel 1x1 and 32-channel 3x3 layers 2.09 FP32 and 2.77-2.92 instructions in all per
+    element, no LDL/STL, no SHFL in the loop. Rejected by the same screen:
+    - 64 x 32 x 4 on 2 warps (the previous default): 3.06 FP32 / 4.3-4.4 in all under 3.6 (a
+      row-per-thread layout recomputes W/2 + 1/2 per element; with the old (Cout, Cg, kh, kw)
+      weight it also spilled 40-190 LDL/STL on the 3x3 layers), 2.09 / 2.8-2.9 under 3.9;
+    - 32 x 32 x 4 on one warp: 2.09 / 2.74-2.91, but 2 LDL/STL under 3.6 (stride-2 layer, and
+      the 32-channel layer on sm_80);
+    - 64 x 32 x 2 on one warp (the previous 17-32-channel branch): 8 SHFL in the loop under both;
+    - 128 x 32 x 4 (2 warps) and 64 x 64 x 4 (4 warps) spill; 64 x 32 x 4 on 4 warps has no
+      spills but 3.1 FP32 / 6.6-8.3 in all; 16 x 32 x 4 on one warp 3.1 / 7.7-8.3 under 3.9.
+    At most 16 channels per group: 128 positions x 16 channels x 4 output channels, 2 warps (2.38
+    FP32 / 3.48 in all on the 16-channel 3x3 layer, no spills, no SHFL, both versions). Depthwise
+    (Cg == 1): a 16-wide channel tile is 15/16 masked lanes and spilled 88 LDL/STL; 1024 positions
+    x 1 channel on 4 warps has no spills and ~21 instructions per useful term: one term per
+    (position, tap), so per-position index math and range checks dominate. Interpreter (CPU):
+    16 x 16 x 4.
     """
     cout, cg = weight_shape[:2]
     tg = cout // geom.groups
@@ -170,16 +174,29 @@ def default_grad_input_config(x_shape, weight_shape, geom: Conv2dGeometry, devic
         return KernelConfig(16, 16, 4, num_warps=4, num_stages=1)
     if cg == 1:
         return KernelConfig(1024, 1, 1, num_warps=4, num_stages=2)
-    if 16 < cg <= 32 and tuple(geom.stride) == (1, 1) and x_shape[-1] % 16 == 0:
-        return KernelConfig(64, 32, pow2_between(tg, 1, 2), num_warps=1, num_stages=2)
-    block_n = pow2_between(cg, 16, 32)
-    return KernelConfig(2048 // block_n, block_n, pow2_between(tg, 1, 4), num_warps=2, num_stages=2)
+    if cg > 16:
+        return KernelConfig(32, 32, pow2_between(tg, 1, 2), num_warps=1, num_stages=2)
+    return KernelConfig(128, 16, pow2_between(tg, 1, 4), num_warps=2, num_stages=2)
+
+
+def input_channels_contiguous(weight: torch.Tensor) -> torch.Tensor:
+    """weight (Cout, Cg, kh, kw) as a view of the same shape whose storage is (Cout, kh, kw, Cg).
+
+    The kernel tiles input channels and reduces over output channels: each step loads BLOCK_N
+    input channels of one (output channel, tap), kh*kw elements apart in the (Cout, Cg, kh, kw)
+    layout (one 32-byte sector each for 3x3). With Cg contiguous (stride 1, specialised by Triton)
+    they are one contiguous run the compiler can load as vectors. The copy is one pass over W per
+    call, small beside the reduction's N*H*W*Cg*Cout/groups*kh*kw/(s_h*s_w) terms; a weight
+    already in this layout is passed as is.
+    """
+    return weight.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
 def grad_input_launch(grad_out, x, weight, grad_x, geom: Conv2dGeometry, grad_mode: str, config: KernelConfig):
     """(grid, args, kwargs) of `grad_input_kernel` writing into grad_x (shape of x, any strides).
 
     Separate from `grad_input` so that the SASS screen (benchmarks/sass_screen.py) compiles the exact launch.
+    The kernel reads the weight through `input_channels_contiguous` (args[2]).
     """
     n, _, h, w = x.shape
     cout, cg, kh, kw = weight.shape
@@ -192,6 +209,7 @@ def grad_input_launch(grad_out, x, weight, grad_x, geom: Conv2dGeometry, grad_mo
         triton.cdiv(cg, config.block_n),
         phase_programs,
     )
+    weight = input_channels_contiguous(weight)
     args = (
         grad_out, x, weight, grad_x,
         n, h, w, geom.out_size[0], geom.out_size[1], cg, cout // geom.groups,

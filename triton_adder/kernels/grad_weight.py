@@ -126,9 +126,17 @@ def default_grad_weight_config(x_shape, weight_shape, geom: Conv2dGeometry, devi
     """Heuristic launch config of `grad_weight_kernel`: BLOCK_M output x BLOCK_N input channels per program.
 
     BLOCK_K is the number of (n, p, q) reduction steps unrolled per loop iteration. GPU: at most
-    64 accumulators per thread (64 x 64 with 2 warps, 128 x 64 with 4), 8 steps unrolled; screened
-    on sm_90 SASS (float32, paper mode): 1.02 FP32 and 1.82 instructions in all per element, no
-    spills in the loop. 64 x 64 with 4 warps and 128 x 128 with 8 warps spill. Interpreter: 16 x 16 x 4.
+    64 x 64 channels per program. The full 64 x 64 tile runs on 2 warps with 2 steps unrolled
+    (64 accumulators per thread): screened (benchmarks/sass_screen.py; float32, paper mode; ResNet
+    64-channel 3x3, 128->256 stride-2 3x3 and 256-channel 1x1 layers) under Triton 3.6.0 and 3.9.0
+    for sm_80 and sm_90: 1.02 FP32 and 1.80-1.93 instructions in all per element, no LDL/STL, no
+    SHFL. Rejected by the same screen (each spills LDL/STL somewhere in that grid): 128 x 64 x 8 on
+    4 warps (the previous default for wide layers: 8-36), 64 x 64 x 8 on 2 warps (the previous one
+    for 64 channels: 16 under 3.9 on sm_90), 128 x 64 x 4 on 4 warps, 64 x 64 x 4 on 2 warps (2 at
+    1x1), 32 x 64 x 8 and 64 x 32 x 4 on one warp; 64 x 64 x 8 and 64 x 64 x 4 on 4 warps spill
+    hundreds to thousands; 64 x 32 x 8 on 2 warps has no spills but 2.3-2.6 in all. Smaller tiles
+    (fewer channels) keep 8 steps unrolled on one warp (32 x 32 x 8: 1.03 FP32 / 2.35-2.61 in all,
+    no spills, both versions). Interpreter: 16 x 16 x 4.
 
     Narrow layers stay index-bound: with Cout = Cg = 16 the 16 x 16 tile is the whole layer, so each
     (n, p, q) step's index advance, range checks and per-step loads (~38 integer/load instructions)
@@ -141,8 +149,10 @@ def default_grad_weight_config(x_shape, weight_shape, geom: Conv2dGeometry, devi
     if device_type != "cuda":
         return KernelConfig(16, 16, 4, num_warps=4, num_stages=1)
     block_n = pow2_between(cg, 16, 64)
-    block_m = pow2_between(tg, 16, 8192 // block_n if block_n == 64 else 64)
-    num_warps = max(1, min(4, block_m * block_n // (64 * 32)))
+    block_m = pow2_between(tg, 16, 64)
+    if block_m * block_n == 64 * 64:
+        return KernelConfig(64, 64, 2, num_warps=2, num_stages=2)
+    num_warps = max(1, block_m * block_n // (64 * 32))
     return KernelConfig(block_m, block_n, 8, num_warps=num_warps, num_stages=2)
 
 
