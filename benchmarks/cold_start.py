@@ -10,8 +10,9 @@ Three figures, as a new user meets them:
   cache is warm, this process's compiled-callable cache is empty);
 - steady: the median of `--steps` further forward+backward steps in the warm process.
 
-Model construction and the import of triton_adder are excluded from every figure; `compiled` is
-how many compiled callables the CPU path holds after the first step. The triton_adder that is
+Model construction and the import of triton_adder are excluded from every figure; the cold line
+says how many compilations the first step ran (`common.compile_count`) and how many distinct call
+signatures (sizes and strides of a pass's operands) they served. The triton_adder that is
 measured is the one `python` imports (set PYTHONPATH to measure another copy of the package).
 """
 
@@ -46,9 +47,9 @@ def child(args) -> None:
         return time.perf_counter() - start
 
     first = step()
-    compiled = len(common._compiled)
+    compiled, signatures = common.compile_count, len(common._compiled)
     steady = [step() for _ in range(args.steps)]
-    print(json.dumps({"first_s": first, "steady_s": statistics.median(steady), "compiled": compiled,
+    print(json.dumps({"first_s": first, "steady_s": statistics.median(steady), "compiled": compiled, "signatures": signatures,
                       "package": os.path.dirname(triton_adder.__file__)}))
 
 
@@ -94,7 +95,7 @@ def main() -> None:
         f"TRITON_ADDER_CPU_COMPILE={os.environ.get('TRITON_ADDER_CPU_COMPILE', '(unset)')}",
         f"{args.model} AdderNet, batch {args.batch}, 3x{args.size}x{args.size}, float32, forward + backward of sum()",
         f"cold (fresh process, empty inductor cache): first step {cold['first_s']:7.1f} s, "
-        f"{cold['compiled']} compiled callables",
+        f"{cold['compiled']} compilations serving {cold['signatures']} call signatures",
         f"warm (fresh process, warm inductor cache):  first step {warm['first_s']:7.1f} s",
         f"steady state (median of {args.steps} steps after the first): {warm['steady_s']:.2f} s "
         f"(cold process: {cold['steady_s']:.2f} s)",

@@ -1,14 +1,17 @@
 """What the CPU backend's three passes share: budgets, the compiled-callable cache, chunking, layout.
 
 Compilation. Each reduction is a plain torch function (`forward._forward_body`, ...) traced with
-``make_fx`` (fake tensors, so nothing is materialised while tracing) and compiled with
-``torch._inductor.compile`` once per (function, shapes, strides, dtype). This bypasses dynamo:
-there are no guards and no per-code-object ``recompile_limit`` (default 8) to run into with a
+``make_fx`` with symbolic sizes and strides (fake tensors, so nothing is materialised while
+tracing) and compiled with ``torch._inductor.compile``. One compilation serves every call whose
+operands satisfy the guards the trace and inductor recorded (sizes 0/1 and kernel structure such
+as a 1x1 kernel or a strided view are specialised, channel counts, batch and image size are not):
+ResNet-50's 56 layer-pass shapes take 20 compilations (`results/benchmarks/cold_start.txt`). This
+bypasses dynamo: there are no per-code-object ``recompile_limit`` (default 8) to run into with a
 model of many layer shapes, no global dynamo setting is touched, and the compiled callables are
 plain functions that also run when the whole model is under ``torch.compile(fullgraph=True)``
-(the custom op is opaque there, so this code runs eagerly inside the compiled graph). The first
-call of a new shape costs about 1-20 s of compilation (inductor caches the generated code on
-disk, so later processes are faster); later calls reuse the cached callable.
+(the custom op is opaque there, so this code runs eagerly inside the compiled graph). A
+compilation costs about 1-10 s (inductor caches the generated code on disk, so later processes
+are faster); later calls of a seen signature are one dict probe.
 
 Memory. The compiled reductions are fused: their only allocations are the padded input copy,
 padded grad_out copies and the outputs, all O(activation size); the [Cout, Cin*kh*kw, N*Ho*Wo]
@@ -25,10 +28,12 @@ that much.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import os
 import threading
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -44,9 +49,6 @@ COMPILE_ENV = "TRITON_ADDER_CPU_COMPILE"
 
 WEIGHT_BLOCK_BYTES = 512 * 1024
 """The compiled forward splits the output channels into blocks whose weights take about this many bytes."""
-
-INDUCTOR_ALIGNMENT_BYTES = 16
-"""`torch._inductor.utils.ALIGNMENT`: inductor assumes inputs aligned to this unless told otherwise."""
 
 COMPILED_CACHE_SIZE = 512
 """How many compiled (function, shape) callables are kept (least recently used are dropped)."""
@@ -80,64 +82,112 @@ def compiler_enabled() -> bool:
 # --------------------------------------------------------------------------------------------
 
 _compiled = collections.OrderedDict()
+"""Exact call signature -> compiled callable (LRU): after the first call of a shape, one dict probe."""
+_families: dict[tuple, list[_Variant]] = {}
 _compile_lock = threading.Lock()
 _compiler_failure: str | None = None
 compile_count = 0
 """How many callables this process has compiled (benchmarks and tests read it)."""
 
 
-def _inductor_compile(fn, args):
-    """Trace `fn` on fake copies of `args` and compile the graph with inductor (no dynamo)."""
-    from torch._inductor import compile as inductor_compile  # noqa: PLC0415  (slow import, only when needed)
+@dataclasses.dataclass(frozen=True)
+class _Variant:
+    """One compilation with symbolic sizes and strides, and the guards under which it is valid."""
+
+    compiled: Callable
+    shape_env: object  # the ShapeEnv that evaluates `guards`
+    guards: str | None  # Python expression over the arguments (`ShapeEnv.produce_guards_expression`); None: any
+
+
+def _inductor_compile(fn, args) -> _Variant:
+    """Trace `fn` with symbolic sizes and strides and compile the graph with inductor (no dynamo).
+
+    Sizes 0 and 1 (and storage offset 0) are specialised; every other size and stride is its own
+    symbol (no "duck sizing", which would tie sizes that happen to be equal, Cin == Cout say, and
+    compile again for a layer where they differ), so one compilation serves every layer that
+    differs only in sizes. The guards record what was specialised and what inductor assumed while
+    compiling (`compiled_call` checks them before reusing the callable).
+    """
+    from torch._guards import detect_fake_mode  # noqa: PLC0415  (slow imports, only when needed)
+    from torch._inductor import compile as inductor_compile  # noqa: PLC0415
+    from torch.fx.experimental import _config as shapes_config  # noqa: PLC0415
     from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
 
-    graph = make_fx(fn, tracing_mode="fake")(*args)
-    return inductor_compile(graph, list(args))
+    with shapes_config.patch(use_duck_shape=False):
+        graph = make_fx(fn, tracing_mode="symbolic")(*args)
+    fakes = [node.meta["val"] for node in graph.graph.nodes if node.op == "placeholder"]
+    fake_mode = detect_fake_mode(fakes)
+    with fake_mode:
+        compiled = inductor_compile(graph, fakes)
+    shape_env = fake_mode.shape_env
+    return _Variant(compiled, shape_env, shape_env.produce_guards_expression(fakes, ignore_static=False))
 
 
-def _aligned(a: torch.Tensor) -> bool:
-    return a.storage_offset() * a.element_size() % INDUCTOR_ALIGNMENT_BYTES == 0
+def _canonical(a: torch.Tensor) -> torch.Tensor:
+    """a as the compiled code should see it: starting at its storage's beginning, stride 1 on size-1 dims.
+
+    The tracer specialises sizes 0 and 1 and a storage offset of 0, and keeps the stride of a size-1
+    dim as a symbol that guards can tie to other sizes. Views that start elsewhere (a channel block,
+    a stride phase) are copied, which costs one pass over one operand (an activation or a weight
+    block), small beside the reduction over it; a size-1 dim's stride, which addresses nothing, is
+    set to 1. Without this, the same layer shape compiled again per block or memory format.
+    """
+    if a.storage_offset() != 0:
+        a = a.clone()
+    if 1 in a.shape:
+        a = a.as_strided(a.shape, [1 if size == 1 else stride for size, stride in zip(a.shape, a.stride())])
+    return a
 
 
 def _signature(args) -> tuple:
-    """What a compiled callable is specialised on: each argument's sizes, strides and dtype.
+    """Each argument's sizes, strides and dtype: the exact-reuse key of a compiled callable."""
+    return tuple((tuple(a.shape), a.stride(), a.dtype) for a in args)
 
-    Not the storage offset: inductor's graph inputs are buffers at the tensor's data pointer
-    (`torch._inductor.graph` gives placeholders a `FixedLayout` of sizes and strides, offset 0), so
-    one callable serves every channel block of a layer (keying on the offset compiled one callable
-    per block: 683 for VGG's 512->4096 7x7 classifier). Only whether the data pointer is aligned is
-    kept (`torch._inductor.utils.tensor_is_aligned`): a callable compiled for aligned inputs copies
-    a misaligned one on every call, so misaligned blocks get their own callable instead.
-    """
-    return tuple(
-        None
-        if a is None
-        else (tuple(a.shape), a.stride(), a.dtype, _aligned(a))
-        for a in args
-    )
+
+def _family(args) -> tuple:
+    """What no symbolic compilation generalises over: the arguments' ranks and dtypes."""
+    return tuple((a.dim(), a.dtype) for a in args)
+
+
+def _find_variant(family: tuple, args) -> _Variant | None:
+    for variant in _families.get(family, ()):
+        if variant.guards is None or variant.shape_env.evaluate_guards_expression(variant.guards, args):
+            return variant
+    return None
 
 
 def compiled_call(fn, options: dict, args):
-    """Run fn(*args, **options) through a cached compiled callable; None if compiling is not possible."""
+    """Run fn(*args, **options) through a cached compiled callable; None if compiling is not possible.
+
+    A new signature first tries the compilations of the same function, options and family
+    (`_family`) whose guards accept it, so layers that differ only in sizes share one compilation.
+    """
     global _compiler_failure, compile_count
-    key = (fn.__name__, tuple(sorted(options.items())), _signature(args))
+    args = tuple(_canonical(a) for a in args)
+    head = (fn.__name__, tuple(sorted(options.items())))
+    key = (*head, _signature(args))
     with _compile_lock:
         compiled = _compiled.get(key)
         if compiled is None:
-            try:
-                with torch.no_grad():
-                    compiled = _inductor_compile(functools.partial(fn, **options), args)
-            except Exception as error:  # noqa: BLE001  (any compiler failure -> eager fallback)
-                _compiler_failure = f"{type(error).__name__}: {error}"
-                warnings.warn(
-                    "triton_adder.backends.cpu: compiling the CPU adder kernels with torch inductor failed "
-                    f"({_compiler_failure.splitlines()[0][:300]}); falling back to the chunked eager "
-                    "implementation, which is correct and memory-bounded but ~10-100x slower.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                return None
-            compile_count += 1
+            family = (*head, _family(args))
+            variant = _find_variant(family, args)
+            if variant is None:
+                try:
+                    with torch.no_grad():
+                        variant = _inductor_compile(functools.partial(fn, **options), args)
+                except Exception as error:  # noqa: BLE001  (any compiler failure -> eager fallback)
+                    _compiler_failure = f"{type(error).__name__}: {error}"
+                    warnings.warn(
+                        "triton_adder.backends.cpu: compiling the CPU adder kernels with torch inductor failed "
+                        f"({_compiler_failure.splitlines()[0][:300]}); falling back to the chunked eager "
+                        "implementation, which is correct and memory-bounded but ~10-100x slower.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                    return None
+                compile_count += 1
+                _families.setdefault(family, []).append(variant)
+            compiled = variant.compiled
             _compiled[key] = compiled
             if len(_compiled) > COMPILED_CACHE_SIZE:
                 _compiled.popitem(last=False)
@@ -179,8 +229,8 @@ def weight_blocks(weight_bytes: int) -> int:
 
 def channel_block(channels: int, blocks: int) -> int:
     """Channels per block when splitting `channels` into about `blocks` blocks: a multiple of 4, so
-    that float32 blocks start on inductor's 16-byte alignment and all but the last block share one
-    compiled callable (the last, when shorter, takes a second one: at most two per pass)."""
+    that float32 blocks fill whole 16-byte vectors (all blocks share one compilation; the shorter
+    last block too, unless it is a single channel, a size the tracer specialises)."""
     block = -(-channels // blocks)
     return min(channels, -(-block // 4) * 4)
 
