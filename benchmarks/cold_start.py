@@ -49,8 +49,8 @@ def child(args) -> None:
     first = step()
     compiled, signatures = common.compile_count, len(common._compiled)
     steady = [step() for _ in range(args.steps)]
-    print(json.dumps({"first_s": first, "steady_s": statistics.median(steady), "compiled": compiled, "signatures": signatures,
-                      "package": os.path.dirname(triton_adder.__file__)}))
+    print(json.dumps({"first_s": first, "steady_s": statistics.median(steady), "compiled": compiled,
+                      "signatures": signatures, "package": os.path.dirname(triton_adder.__file__)}))
 
 
 def run_child(args, cache_dir: str) -> dict:

@@ -178,7 +178,7 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(common, "_compiler_failure", None)
     monkeypatch.setattr(common, "_compiled", collections.OrderedDict())
 
-    def broken(fn, args):
+    def broken(fn, args, symbolic):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(common, "_inductor_compile", broken)

@@ -1,17 +1,17 @@
 """What the CPU backend's three passes share: budgets, the compiled-callable cache, chunking, layout.
 
 Compilation. Each reduction is a plain torch function (`forward._forward_body`, ...) traced with
-``make_fx`` with symbolic sizes and strides (fake tensors, so nothing is materialised while
-tracing) and compiled with ``torch._inductor.compile``. One compilation serves every call whose
-operands satisfy the guards the trace and inductor recorded (sizes 0/1 and kernel structure such
-as a 1x1 kernel or a strided view are specialised, channel counts, batch and image size are not):
-ResNet-50's 56 layer-pass shapes take 20 compilations (`results/benchmarks/cold_start.txt`). This
-bypasses dynamo: there are no per-code-object ``recompile_limit`` (default 8) to run into with a
-model of many layer shapes, no global dynamo setting is touched, and the compiled callables are
-plain functions that also run when the whole model is under ``torch.compile(fullgraph=True)``
-(the custom op is opaque there, so this code runs eagerly inside the compiled graph). A
-compilation costs about 1-10 s (inductor caches the generated code on disk, so later processes
-are faster); later calls of a seen signature are one dict probe.
+``make_fx`` (fake tensors, so nothing is materialised while tracing) and compiled with
+``torch._inductor.compile`` once per (function, shapes, strides, dtype), or, with
+TRITON_ADDER_CPU_COMPILE=symbolic, once per structural variant with symbolic sizes and strides,
+reused under the guards the trace and inductor recorded (`SYMBOLIC`: faster first calls, slower
+steps). This bypasses dynamo: there are no guards to re-check per call and no per-code-object
+``recompile_limit`` (default 8) to run into with a model of many layer shapes, no global dynamo
+setting is touched, and the compiled callables are plain functions that also run when the whole
+model is under ``torch.compile(fullgraph=True)`` (the custom op is opaque there, so this code runs
+eagerly inside the compiled graph). The first call of a new shape costs about 1-20 s of
+compilation (inductor caches the generated code on disk, so later processes are faster); later
+calls reuse the cached callable.
 
 Memory. The compiled reductions are fused: their only allocations are the padded input copy,
 padded grad_out copies and the outputs, all O(activation size); the [Cout, Cin*kh*kw, N*Ho*Wo]
@@ -45,7 +45,18 @@ DEFAULT_MEMORY_BUDGET_MB = 256
 
 MEMORY_BUDGET_ENV = "TRITON_ADDER_CPU_MEMORY_MB"
 COMPILE_ENV = "TRITON_ADDER_CPU_COMPILE"
-"""Set to 0 to skip compilation and always run the chunked eager path."""
+"""0: skip compilation and always run the chunked eager path; 1 (default): compile per exact operand
+sizes and strides; "symbolic": compile once per structural variant (`SYMBOLIC`)."""
+
+SYMBOLIC = "symbolic"
+"""The COMPILE_ENV value that compiles with symbolic sizes and strides: ResNet-50's first step at
+batch 2 compiles 19 graphs instead of 56 (cold 60 s instead of 98 s, warm 17 s instead of 30 s on
+a 2-core box, `results/benchmarks/cold_start.txt`), but later steps take 1.23-1.41x as long
+(`results/benchmarks/cpu_symbolic_ab.txt`): for a short run (evaluate a converted model), not for
+training."""
+
+INDUCTOR_ALIGNMENT_BYTES = 16
+"""`torch._inductor.utils.ALIGNMENT`: inductor assumes inputs aligned to this unless told otherwise."""
 
 WEIGHT_BLOCK_BYTES = 512 * 1024
 """The compiled forward splits the output channels into blocks whose weights take about this many bytes."""
@@ -72,9 +83,18 @@ def memory_budget_bytes() -> int:
     return int(megabytes * 2**20)
 
 
+def compile_mode() -> str:
+    """"eager", "exact" or "symbolic", from $TRITON_ADDER_CPU_COMPILE (see COMPILE_ENV)."""
+    raw = os.environ.get(COMPILE_ENV, "1")
+    modes = {"0": "eager", "": "eager", "1": "exact", SYMBOLIC: "symbolic"}
+    if raw not in modes:
+        raise ValueError(f"{COMPILE_ENV} must be 0, 1 or {SYMBOLIC!r}, got {raw!r}")
+    return modes[raw]
+
+
 def compiler_enabled() -> bool:
     """False when TRITON_ADDER_CPU_COMPILE=0 or a compilation failed earlier in this process."""
-    return os.environ.get(COMPILE_ENV, "1") not in ("0", "") and _compiler_failure is None
+    return compile_mode() != "eager" and _compiler_failure is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,27 +112,30 @@ compile_count = 0
 
 @dataclasses.dataclass(frozen=True)
 class _Variant:
-    """One compilation with symbolic sizes and strides, and the guards under which it is valid."""
+    """One compilation and the guards under which it is valid (None: exact sizes, reused by signature only)."""
 
     compiled: Callable
     shape_env: object  # the ShapeEnv that evaluates `guards`
     guards: str | None  # Python expression over the arguments (`ShapeEnv.produce_guards_expression`); None: any
 
 
-def _inductor_compile(fn, args) -> _Variant:
-    """Trace `fn` with symbolic sizes and strides and compile the graph with inductor (no dynamo).
+def _inductor_compile(fn, args, symbolic: bool) -> _Variant:
+    """Trace `fn` on fake copies of `args` and compile the graph with inductor (no dynamo).
 
-    Sizes 0 and 1 (and storage offset 0) are specialised; every other size and stride is its own
-    symbol (no "duck sizing", which would tie sizes that happen to be equal, Cin == Cout say, and
-    compile again for a layer where they differ), so one compilation serves every layer that
-    differs only in sizes. The guards record what was specialised and what inductor assumed while
-    compiling (`compiled_call` checks them before reusing the callable).
+    symbolic False: for these exact sizes and strides. True: sizes 0 and 1 (and storage offset 0)
+    are specialised; every other size and stride is its own symbol (no "duck sizing", which would
+    tie sizes that happen to be equal, Cin == Cout say, and compile again for a layer where they
+    differ), so one compilation serves every layer that differs only in sizes. The guards record
+    what was specialised and what inductor assumed while compiling (`compiled_call` checks them
+    before reusing the callable).
     """
     from torch._guards import detect_fake_mode  # noqa: PLC0415  (slow imports, only when needed)
     from torch._inductor import compile as inductor_compile  # noqa: PLC0415
     from torch.fx.experimental import _config as shapes_config  # noqa: PLC0415
     from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
 
+    if not symbolic:
+        return _Variant(inductor_compile(make_fx(fn, tracing_mode="fake")(*args), list(args)), None, None)
     with shapes_config.patch(use_duck_shape=False):
         graph = make_fx(fn, tracing_mode="symbolic")(*args)
     fakes = [node.meta["val"] for node in graph.graph.nodes if node.op == "placeholder"]
@@ -121,6 +144,10 @@ def _inductor_compile(fn, args) -> _Variant:
         compiled = inductor_compile(graph, fakes)
     shape_env = fake_mode.shape_env
     return _Variant(compiled, shape_env, shape_env.produce_guards_expression(fakes, ignore_static=False))
+
+
+def _aligned(a: torch.Tensor) -> bool:
+    return a.storage_offset() * a.element_size() % INDUCTOR_ALIGNMENT_BYTES == 0
 
 
 def _canonical(a: torch.Tensor) -> torch.Tensor:
@@ -140,8 +167,16 @@ def _canonical(a: torch.Tensor) -> torch.Tensor:
 
 
 def _signature(args) -> tuple:
-    """Each argument's sizes, strides and dtype: the exact-reuse key of a compiled callable."""
-    return tuple((tuple(a.shape), a.stride(), a.dtype) for a in args)
+    """Each argument's sizes, strides, dtype and alignment: the exact-reuse key of a compiled callable.
+
+    Not the storage offset: inductor's graph inputs are buffers at the tensor's data pointer
+    (`torch._inductor.graph` gives placeholders a `FixedLayout` of sizes and strides, offset 0), so
+    one callable serves every channel block of a layer (keying on the offset compiled one callable
+    per block: 683 for VGG's 512->4096 7x7 classifier). Only whether the data pointer is aligned is
+    kept (`torch._inductor.utils.tensor_is_aligned`): a callable compiled for aligned inputs copies
+    a misaligned one on every call, so misaligned blocks get their own callable instead.
+    """
+    return tuple((tuple(a.shape), a.stride(), a.dtype, _aligned(a)) for a in args)
 
 
 def _family(args) -> tuple:
@@ -159,22 +194,25 @@ def _find_variant(family: tuple, args) -> _Variant | None:
 def compiled_call(fn, options: dict, args):
     """Run fn(*args, **options) through a cached compiled callable; None if compiling is not possible.
 
-    A new signature first tries the compilations of the same function, options and family
-    (`_family`) whose guards accept it, so layers that differ only in sizes share one compilation.
+    In "symbolic" mode (`compile_mode`) a new signature first tries the compilations of the same
+    function, options and family (`_family`) whose guards accept it, so layers that differ only in
+    sizes share one compilation.
     """
     global _compiler_failure, compile_count
-    args = tuple(_canonical(a) for a in args)
-    head = (fn.__name__, tuple(sorted(options.items())))
+    symbolic = compile_mode() == "symbolic"
+    if symbolic:
+        args = tuple(_canonical(a) for a in args)
+    head = (fn.__name__, tuple(sorted(options.items())), symbolic)
     key = (*head, _signature(args))
     with _compile_lock:
         compiled = _compiled.get(key)
         if compiled is None:
             family = (*head, _family(args))
-            variant = _find_variant(family, args)
+            variant = _find_variant(family, args) if symbolic else None
             if variant is None:
                 try:
                     with torch.no_grad():
-                        variant = _inductor_compile(functools.partial(fn, **options), args)
+                        variant = _inductor_compile(functools.partial(fn, **options), args, symbolic)
                 except Exception as error:  # noqa: BLE001  (any compiler failure -> eager fallback)
                     _compiler_failure = f"{type(error).__name__}: {error}"
                     warnings.warn(
@@ -186,7 +224,8 @@ def compiled_call(fn, options: dict, args):
                     )
                     return None
                 compile_count += 1
-                _families.setdefault(family, []).append(variant)
+                if symbolic:
+                    _families.setdefault(family, []).append(variant)
             compiled = variant.compiled
             _compiled[key] = compiled
             if len(_compiled) > COMPILED_CACHE_SIZE:
@@ -229,8 +268,9 @@ def weight_blocks(weight_bytes: int) -> int:
 
 def channel_block(channels: int, blocks: int) -> int:
     """Channels per block when splitting `channels` into about `blocks` blocks: a multiple of 4, so
-    that float32 blocks fill whole 16-byte vectors (all blocks share one compilation; the shorter
-    last block too, unless it is a single channel, a size the tracer specialises)."""
+    that float32 blocks start on inductor's 16-byte alignment and all but the last block share one
+    compiled callable (the last, when shorter, takes a second one: at most two per pass; symbolic
+    compilation covers it too unless it is a single channel, a size the tracer specialises)."""
     block = -(-channels // blocks)
     return min(channels, -(-block // 4) * 4)
 

@@ -132,12 +132,7 @@ def grad_input(
 
 def _grad_input_compiled(grad_taps, w_phase, x_phase, options):
     """The compiled phase, over blocks of input channels whose weights fit in about
-    `common.WEIGHT_BLOCK_BYTES` (the kernel streams the weight block once per input position).
-
-    The phase's input values are copied to a contiguous (N, M, M', G, Cg) block first: one layout
-    whatever x's memory format and the phase's offset, so all layers share compilations
-    (`common.compiled_call`), and Cg is contiguous for the vectorised loop."""
-    x_phase = x_phase.contiguous()
+    `common.WEIGHT_BLOCK_BYTES` (the kernel streams the weight block once per input position)."""
     groups, u, v, tg, cg = w_phase.shape
     blocks = common.weight_blocks(groups * u * v * tg * cg * w_phase.element_size())
     if blocks <= 1:
