@@ -23,9 +23,19 @@ os.environ["TRITON_ADDER_CACHE_DIR"] = _test_cache_dir
 atexit.register(shutil.rmtree, _test_cache_dir, ignore_errors=True)
 
 from triton_adder import backends  # noqa: E402  (after TRITON_INTERPRET is set)
+from triton_adder.autotune import lookup  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _cpu_path_unless_cuda():
     with backends.use_backend(None if torch.cuda.is_available() else "cpu"):
         yield
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A private tuning cache for one test (the tune CLI's --cache-dir also sets this variable)."""
+    monkeypatch.setenv(lookup.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    lookup.clear()
+    yield tmp_path / "cache"
+    lookup.clear()

@@ -21,14 +21,6 @@ from triton_adder.kernels.launch_config import KernelConfig
 from triton_adder.tuning import Measurement
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(configs.CACHE_DIR_ENV, str(tmp_path / "cache"))
-    configs.clear()
-    yield tmp_path / "cache"
-    configs.clear()
-
-
 def lenet_conv2_problem(batch: int = 1) -> problems.LayerProblem:
     geom = resolve_geometry((14, 14), (5, 5))
     return problems.LayerProblem(["conv2"], LayerShape.of((batch, 6, 14, 14), (16, 6, 5, 5), geom))

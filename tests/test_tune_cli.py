@@ -32,15 +32,6 @@ LENET_PROBLEMS = [  # (layer, x shape at batch 1, weight shape)
 ]
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    """A private tuning cache for the test (the CLI's --cache-dir also sets this variable)."""
-    monkeypatch.setenv(configs.CACHE_DIR_ENV, str(tmp_path / "cache"))
-    configs.clear()
-    yield tmp_path / "cache"
-    configs.clear()
-
-
 def test_parse_ops():
     assert spaces.parse_ops("fwd,bwd") == ("forward", "grad_input", "grad_weight")
     assert spaces.parse_ops("bwd, fwd") == ("grad_input", "grad_weight", "forward")
