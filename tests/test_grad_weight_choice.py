@@ -18,6 +18,7 @@ from triton_adder.functional import resolve_geometry
 from triton_adder.geometry import LayerShape
 from triton_adder.kernels import grad_weight as grad_weight_kernel
 from triton_adder.kernels.launch_config import KernelConfig
+from triton_adder.measure import sass
 from triton_adder.tuning import Measurement
 
 
@@ -131,3 +132,25 @@ def test_a_cached_identity_is_refused_for_exact_mode(cache_dir):
     with pytest.warns(RuntimeWarning, match="cannot compute grad_mode='exact'"):
         assert configs.grad_weight_choice(x, w, geom, "exact") is None
     assert spaces.grad_weight_methods("exact") == ("triton",)
+
+
+def test_screen_compiles_each_kernel_tile_once_whatever_its_method_and_split(monkeypatch):
+    # The split is a run-time argument and the method does not change the kernel: one compile per tile.
+    compiled = []
+
+    def fake_compile_stats(op, x_meta, weight_meta, geom, config, *, grad_mode, arch):
+        compiled.append(config)
+        spills = config.block_k == 8  # a verdict that depends on the tile only
+        return sass.CompileStats(op, arch, "fake", 128, 64 if spills else 0, 0, 0, 0, 1.0, 2.0 + config.block_k, "loop")
+
+    monkeypatch.setattr(tunables.sass, "compile_stats", fake_compile_stats)
+    problem = lenet_conv2_problem()
+    x, weight = torch.empty(problem.shape.x_shape), torch.empty(problem.shape.weight_shape)
+    screen = tunables.compile_screen("grad_weight", x, weight, problem.geom, "paper", 90)
+    tile = {"block_m": 16, "block_n": 16, "block_k": 4, "num_warps": 1, "num_stages": 1}
+    verdicts = [screen({**tile, "method": method, "split_k": split})
+                for method in ("triton", "conv_identity") for split in (1, 2, 8)]  # fmt: skip
+    assert compiled == [KernelConfig(16, 16, 4, 1, 1)]
+    assert all(v.ok and v.score == 6.0 for v in verdicts)
+    spilling = screen({**tile, "block_k": 8, "method": "triton", "split_k": 1})
+    assert not spilling.ok and spilling.reason == "spills" and len(compiled) == 2

@@ -9,6 +9,7 @@ config's (`outputs_match`).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -78,15 +79,19 @@ def compile_screen(op: str, x, weight, geom, grad_mode: str, arch: int) -> Calla
     x_meta, weight_meta = torch.empty_like(x, device="meta"), torch.empty_like(weight, device="meta")
     shared_limit = SHARED_MEMORY_LIMITS[arch]
 
-    def screen(config: dict) -> ScreenResult:
-        stats = sass.compile_stats(  # the kernel's knobs only: a weight gradient's split is a run-time argument
-            op, x_meta, weight_meta, geom, kernel_config_of(config), grad_mode=grad_mode, arch=arch
-        )
+    @functools.cache
+    def kernel_verdict(kernel: KernelConfig) -> ScreenResult:
+        stats = sass.compile_stats(op, x_meta, weight_meta, geom, kernel, grad_mode=grad_mode, arch=arch)
         if stats.spills:
             return ScreenResult(False, "spills", stats.instructions_per_element)
         if stats.shared_bytes > shared_limit:
             return ScreenResult(False, f"shared memory > {shared_limit // 1024} KiB", stats.instructions_per_element)
         return ScreenResult(True, "", stats.instructions_per_element)
+
+    def screen(config: dict) -> ScreenResult:
+        # By the kernel's knobs only: a weight gradient's split is a run-time argument and its method
+        # does not change the kernel, so the 2 x 8 method/split variants of one tile compile once.
+        return kernel_verdict(kernel_config_of(config))
 
     return screen
 

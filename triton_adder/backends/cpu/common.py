@@ -112,11 +112,14 @@ compile_count = 0
 
 @dataclasses.dataclass(frozen=True)
 class _Variant:
-    """One compilation and the guards under which it is valid (None: exact sizes, reused by signature only)."""
+    """One compilation and, in symbolic mode, the guards under which it serves a new signature.
+
+    An exact-mode compilation is only reused for its own signature (`_compiled`), never looked up here.
+    """
 
     compiled: Callable
-    shape_env: object  # the ShapeEnv that evaluates `guards`
-    guards: str | None  # Python expression over the arguments (`ShapeEnv.produce_guards_expression`); None: any
+    shape_env: object  # the ShapeEnv that evaluates `guards`; None in exact mode
+    guards: str | None  # over the arguments (`ShapeEnv.produce_guards_expression`); None: none recorded
 
 
 def _inductor_compile(fn, args, symbolic: bool) -> _Variant:
