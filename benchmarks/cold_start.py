@@ -7,7 +7,8 @@ Three figures, as a new user meets them:
 - cold: the first forward+backward in a fresh process with an EMPTY inductor cache (a new
   TORCHINDUCTOR_CACHE_DIR), so every layer shape is compiled from scratch;
 - warm: the same in a second fresh process reusing that cache directory (inductor's on-disk code
-  cache is warm, this process's compiled-callable cache is empty);
+  cache and the CPU path's index of it, `backends.cpu.code_index`, are warm; this process's
+  compiled-callable cache is empty);
 - steady: the median of `--steps` further forward+backward steps in the warm process.
 
 Model construction and the import of triton_adder are excluded from every figure; the cold line
@@ -96,7 +97,8 @@ def main() -> None:
         f"{args.model} AdderNet, batch {args.batch}, 3x{args.size}x{args.size}, float32, forward + backward of sum()",
         f"cold (fresh process, empty inductor cache): first step {cold['first_s']:7.1f} s, "
         f"{cold['compiled']} compilations serving {cold['signatures']} call signatures",
-        f"warm (fresh process, warm inductor cache):  first step {warm['first_s']:7.1f} s",
+        f"warm (fresh process, warm inductor cache):  first step {warm['first_s']:7.1f} s, "
+        f"{warm['compiled']} compilations",
         f"steady state (median of {args.steps} steps after the first): {warm['steady_s']:.2f} s "
         f"(cold process: {cold['steady_s']:.2f} s)",
     ]

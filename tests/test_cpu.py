@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import importlib
+import json
 import os
 import warnings
 
@@ -28,6 +29,7 @@ from triton_adder.geometry import Conv2dGeometry
 # The package exports the pass functions under the names of their modules, so the modules (whose
 # globals the tests patch) are looked up by their full names.
 common = importlib.import_module("triton_adder.backends.cpu.common")
+code_index = importlib.import_module("triton_adder.backends.cpu.code_index")
 PASS_MODULES = {
     "_forward_body": importlib.import_module("triton_adder.backends.cpu.forward"),
     "_grad_input_body": importlib.import_module("triton_adder.backends.cpu.grad_input"),
@@ -173,8 +175,9 @@ def test_compiled_channel_blocks(monkeypatch):
     check_backend(grouped_with_bias, torch.float32, "channels_last", grad_modes=("paper",))
 
 
-def test_compile_failure_warns_once_and_falls_back(monkeypatch):
+def test_compile_failure_warns_once_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv(cpu.COMPILE_ENV, "1")
+    monkeypatch.setattr(code_index, "index_dir", lambda: tmp_path)  # no module an earlier run compiled
     monkeypatch.setattr(common, "_compiler_failure", None)
     monkeypatch.setattr(common, "_compiled", collections.OrderedDict())
 
@@ -267,3 +270,41 @@ def test_peak_memory_eager_follows_the_budget(peak_extra_rss_megabytes, monkeypa
     for name, call in _backend_calls(_MID, ("paper", "exact")).items():
         peak = peak_extra_rss_megabytes(call)
         assert peak < 16 + 24, f"{name}: peak extra memory {peak:.0f} MB with a 16 MB budget"
+
+
+def test_a_fresh_process_runs_the_module_an_earlier_one_compiled(monkeypatch, tmp_path):
+    """The code index (`backends.cpu.code_index`): after a compilation, a process that has compiled
+    nothing (simulated by emptying the in-process cache) runs the recorded module without compiling,
+    and gets the float64 reference; an unreadable index entry is ignored and the shape compiled again."""
+    monkeypatch.setenv(cpu.COMPILE_ENV, "1")
+    if not cpu.compiler_enabled():
+        pytest.skip(f"inductor unavailable here: {common._compiler_failure}")
+    monkeypatch.setattr(code_index, "index_dir", lambda: tmp_path)
+    # a shape no other test compiles, so this process generates its module now
+    x, weight, bias, _, geom = _inputs(((1, 3, 7, 6), (5, 3, 2, 3), (1, 1), (1, 0), (1, 1), 1, (0, 0), True),
+                                       torch.float32)  # fmt: skip
+    expected = reference.adder2d_forward(x.double(), weight.double(), bias.double(), geom)
+    terms = weight[0].numel()
+
+    def fresh_process_forward():
+        monkeypatch.setattr(common, "_compiled", collections.OrderedDict())
+        assert_matches_reference(cpu.forward(x, weight, bias, geom), expected, torch.float32, terms)
+
+    before = common.compile_count
+    fresh_process_forward()
+    assert common.compile_count == before + 1
+    (entry,) = tmp_path.glob("*.json")
+    assert json.loads(entry.read_text())["path"].endswith(".py")
+
+    compile_for_real = common._inductor_compile
+
+    def no_compiler(fn, args, symbolic):
+        raise AssertionError("compiled although the index holds this shape")
+
+    monkeypatch.setattr(common, "_inductor_compile", no_compiler)
+    fresh_process_forward()
+
+    entry.write_text("{not json")
+    monkeypatch.setattr(common, "_inductor_compile", compile_for_real)
+    fresh_process_forward()
+    assert common.compile_count == before + 2

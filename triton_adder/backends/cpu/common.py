@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 from triton_adder import contract
+from triton_adder.backends.cpu import code_index
 from triton_adder.geometry import Conv2dGeometry
 
 DEFAULT_MEMORY_BUDGET_MB = 256
@@ -194,10 +195,17 @@ def _find_variant(family: tuple, args) -> _Variant | None:
     return None
 
 
+def _remember(key: tuple, compiled: Callable) -> None:
+    _compiled[key] = compiled
+    if len(_compiled) > COMPILED_CACHE_SIZE:
+        _compiled.popitem(last=False)
+
+
 def compiled_call(fn, options: dict, args):
     """Run fn(*args, **options) through a cached compiled callable; None if compiling is not possible.
 
-    In "symbolic" mode (`compile_mode`) a new signature first tries the compilations of the same
+    A new signature, by default, first tries the module an earlier process compiled for it
+    (`code_index`). In "symbolic" mode (`compile_mode`) it first tries the compilations of the same
     function, options and family (`_family`) whose guards accept it, so layers that differ only in
     sizes share one compilation.
     """
@@ -206,13 +214,20 @@ def compiled_call(fn, options: dict, args):
     if symbolic:
         args = tuple(_canonical(a) for a in args)
     head = (fn.__name__, tuple(sorted(options.items())), symbolic)
-    key = (*head, _signature(args))
+    signature = _signature(args)
+    key = (*head, signature)
     with _compile_lock:
         compiled = _compiled.get(key)
+        if compiled is None and not symbolic:
+            index_key = code_index.key(fn, options, signature)
+            compiled = code_index.load(index_key)
+            if compiled is not None:
+                _remember(key, compiled)
         if compiled is None:
             family = (*head, _family(args))
             variant = _find_variant(family, args) if symbolic else None
             if variant is None:
+                modules_before = code_index.loaded_modules()
                 try:
                     with torch.no_grad():
                         variant = _inductor_compile(functools.partial(fn, **options), args, symbolic)
@@ -230,9 +245,11 @@ def compiled_call(fn, options: dict, args):
                 if symbolic:
                     _families.setdefault(family, []).append(variant)
             compiled = variant.compiled
-            _compiled[key] = compiled
-            if len(_compiled) > COMPILED_CACHE_SIZE:
-                _compiled.popitem(last=False)
+            module = None if symbolic else code_index.new_module(modules_before)
+            if module is not None:  # run it as later processes will, and let them find it
+                compiled = code_index.runner(module)
+                code_index.store(index_key, module)
+            _remember(key, compiled)
         else:
             _compiled.move_to_end(key)
     out = compiled(*args)

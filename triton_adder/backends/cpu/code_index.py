@@ -1,0 +1,99 @@
+"""On-disk index from a CPU reduction's exact call signature to the module inductor generated for it.
+
+Without it, a fresh process re-traces each layer-pass shape with ``make_fx`` and looks it up in
+inductor's FX graph cache before it can run: ResNet-50's first step at batch 2 spent 30 s doing that
+for 56 shapes with a warm cache (`results/benchmarks/cold_start.txt`). Inductor writes each
+compilation as a Python module (the generated C++ loops are built into shared libraries by it,
+cached by their source) whose ``call(args)`` runs the graph; this index records, per signature, which
+module that was, so the next process imports the module and calls it directly.
+
+Keys cover everything the generated code depends on: torch version, the CPU's vector ISA, the
+function's source and options, and each operand's sizes, strides, dtype and alignment. One small
+JSON file per key, written to a temporary name and renamed into place, so two processes writing
+the same key (with the same content) cannot leave a torn file; a file that is missing, unreadable or
+points at a module that is gone is ignored and the shape compiled again. The index lives beside
+inductor's own cache (``$TORCHINDUCTOR_CACHE_DIR``, else inductor's default), so clearing that
+cache clears both.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+INDEX_DIR_NAME = "triton_adder_cpu_index"
+
+
+def index_dir() -> Path:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir  # noqa: PLC0415
+
+    return Path(cache_dir()) / INDEX_DIR_NAME
+
+
+@functools.cache
+def _vector_isa() -> str:
+    from torch._inductor.cpu_vec_isa import pick_vec_isa  # noqa: PLC0415
+
+    return str(pick_vec_isa())
+
+
+def key(fn: Callable, options: dict, signature: tuple) -> str:
+    """The index key of fn(*args, **options) for operands with this `common._signature`."""
+    parts = [torch.__version__, _vector_isa(), fn.__module__, fn.__qualname__, inspect.getsource(fn),
+             repr(sorted(options.items())), repr(signature)]  # fmt: skip
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def loaded_modules() -> list[ModuleType]:
+    """The modules inductor has loaded so far (pass to `new_module` after a compilation)."""
+    from torch._inductor.codecache import PyCodeCache  # noqa: PLC0415
+
+    return list(PyCodeCache.modules)
+
+
+def new_module(before: list[ModuleType]) -> ModuleType | None:
+    """The one generated module with a ``call`` that a compilation loaded since `before`, else None."""
+    seen = {id(m) for m in before}
+    new = [m for m in loaded_modules() if id(m) not in seen and callable(getattr(m, "call", None))]
+    return new[0] if len(new) == 1 else None
+
+
+def runner(module: ModuleType) -> Callable:
+    """fn(*args) -> outputs, calling the generated module directly (its ``call`` takes a list it empties)."""
+    return lambda *args: module.call(list(args))
+
+
+def store(index_key: str, module: ModuleType) -> None:
+    """Record `module` for `index_key`; never raises (a read-only cache only costs the next process time)."""
+    try:
+        directory = index_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        record = {"module": Path(module.__file__).stem, "path": module.__file__}
+        with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as out:
+            json.dump(record, out)
+        os.replace(out.name, directory / f"{index_key}.json")
+    except (OSError, TypeError, AttributeError):
+        pass
+
+
+def load(index_key: str) -> Callable | None:
+    """The runner of the module recorded for `index_key`, or None (not recorded, unreadable, gone)."""
+    try:
+        record = json.loads((index_dir() / f"{index_key}.json").read_text())
+        path, module_key = record["path"], record["module"]
+        if not os.path.isfile(path):
+            return None
+        from torch._inductor.codecache import PyCodeCache  # noqa: PLC0415
+
+        return runner(PyCodeCache.load_by_key_path(module_key, path))
+    except Exception:  # noqa: BLE001  (any failure: compile again, as without the index)
+        return None
