@@ -10,8 +10,8 @@ steps). This bypasses dynamo: there are no guards to re-check per call and no pe
 setting is touched, and the compiled callables are plain functions that also run when the whole
 model is under ``torch.compile(fullgraph=True)`` (the custom op is opaque there, so this code runs
 eagerly inside the compiled graph). The first call of a new shape costs about 1-20 s of
-compilation (inductor caches the generated code on disk, so later processes are faster); later
-calls reuse the cached callable.
+compilation; later calls reuse the cached callable, and later processes the module inductor
+generated for it (`code_index`, by default).
 
 Memory. The compiled reductions are fused: their only allocations are the padded input copy,
 padded grad_out copies and the outputs, all O(activation size); the [Cout, Cin*kh*kw, N*Ho*Wo]
@@ -51,10 +51,11 @@ sizes and strides; "symbolic": compile once per structural variant (`SYMBOLIC`).
 
 SYMBOLIC = "symbolic"
 """The COMPILE_ENV value that compiles with symbolic sizes and strides: ResNet-50's first step at
-batch 2 compiles 19 graphs instead of 56 (cold 60 s instead of 98 s, warm 17 s instead of 30 s on
-a 2-core box, `results/benchmarks/cold_start.txt`), but later steps take 1.23-1.41x as long
-(`results/benchmarks/cpu_symbolic_ab.txt`): for a short run (evaluate a converted model), not for
-training."""
+batch 2 compiles 19 graphs instead of 56 (cold 60 s instead of 95 s on a 2-core box,
+`results/benchmarks/cold_start.txt`), but later steps take 1.23-1.41x as long
+(`results/benchmarks/cpu_symbolic_ab.txt`), and it keeps no `code_index`, so a warm process is
+slower than the default's (17 s vs 5.5 s): only for a short run on a machine that has never run
+the model."""
 
 INDUCTOR_ALIGNMENT_BYTES = 16
 """`torch._inductor.utils.ALIGNMENT`: inductor assumes inputs aligned to this unless told otherwise."""
