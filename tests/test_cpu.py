@@ -275,7 +275,8 @@ def test_peak_memory_eager_follows_the_budget(peak_extra_rss_megabytes, monkeypa
 def test_a_fresh_process_runs_the_module_an_earlier_one_compiled(monkeypatch, tmp_path):
     """The code index (`backends.cpu.code_index`): after a compilation, a process that has compiled
     nothing (simulated by emptying the in-process cache) runs the recorded module without compiling,
-    and gets the float64 reference; an unreadable index entry is ignored and the shape compiled again."""
+    and gets the float64 reference; an unreadable entry, or one pointing outside inductor's cache, is
+    ignored and the shape compiled again."""
     monkeypatch.setenv(cpu.COMPILE_ENV, "1")
     if not cpu.compiler_enabled():
         pytest.skip(f"inductor unavailable here: {common._compiler_failure}")
@@ -308,3 +309,9 @@ def test_a_fresh_process_runs_the_module_an_earlier_one_compiled(monkeypatch, tm
     monkeypatch.setattr(common, "_inductor_compile", compile_for_real)
     fresh_process_forward()
     assert common.compile_count == before + 2
+
+    planted = tmp_path / "planted.py"  # outside inductor's cache: never imported
+    planted.write_text("raise AssertionError('imported a module from outside the cache')\n")
+    entry.write_text(json.dumps({"module": "planted", "path": str(planted)}))
+    fresh_process_forward()
+    assert common.compile_count == before + 3

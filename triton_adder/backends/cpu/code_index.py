@@ -11,7 +11,8 @@ Keys cover everything the generated code depends on: torch version, the CPU's ve
 function's source and options, and each operand's sizes, strides, dtype and alignment. One small
 JSON file per key, written to a temporary name and renamed into place, so two processes writing
 the same key (with the same content) cannot leave a torn file; a file that is missing, unreadable or
-points at a module that is gone is ignored and the shape compiled again. The index lives beside
+points at a module that is gone (or outside inductor's cache) is ignored and the shape compiled
+again. Inductor settings a user changes in-process are not part of the key. The index lives beside
 inductor's own cache (``$TORCHINDUCTOR_CACHE_DIR``, else inductor's default), so clearing that
 cache clears both.
 """
@@ -33,10 +34,14 @@ import torch
 INDEX_DIR_NAME = "triton_adder_cpu_index"
 
 
-def index_dir() -> Path:
+def _inductor_cache_dir() -> Path:
     from torch._inductor.runtime.cache_dir_utils import cache_dir  # noqa: PLC0415
 
-    return Path(cache_dir()) / INDEX_DIR_NAME
+    return Path(cache_dir())
+
+
+def index_dir() -> Path:
+    return _inductor_cache_dir() / INDEX_DIR_NAME
 
 
 @functools.cache
@@ -90,7 +95,8 @@ def load(index_key: str) -> Callable | None:
     try:
         record = json.loads((index_dir() / f"{index_key}.json").read_text())
         path, module_key = record["path"], record["module"]
-        if not os.path.isfile(path):
+        # only a module inside inductor's own cache, whose code inductor would run anyway
+        if not os.path.isfile(path) or not Path(path).resolve().is_relative_to(_inductor_cache_dir().resolve()):
             return None
         from torch._inductor.codecache import PyCodeCache  # noqa: PLC0415
 
