@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -115,32 +113,76 @@ def test_search_times_only_screened_configs_and_always_the_default():
     assert result.pruned == 3
 
 
-# conftest sets TRITON_INTERPRET, which replaces the kernels; the compile runs in a child without it.
-_ADDER_SCREEN_CHILD = """
-import torch
-from triton_adder.autotune.tunables import compile_screen
-from triton_adder.measure import sass
-try:
-    sass.cuobjdump_path()
-except RuntimeError as error:
-    print("SKIP", error)
-    raise SystemExit(0)
-x, weight, geom = sass.meta_layer(torch.float32, (2, 16, 8, 8), 16, (3, 3), 1, 1, 1, False)
-screen = compile_screen("forward", x, weight, geom, "paper", 90)
-verdict = screen({"block_m": 32, "block_n": 16, "block_k": 8, "num_warps": 2, "num_stages": 1})
-print("VERDICT", verdict.ok, verdict.score, verdict.reason)
-"""
+def _skip_without_cuobjdump():
+    from triton_adder.measure import sass
+
+    try:
+        sass.cuobjdump_path()
+    except RuntimeError as error:
+        pytest.skip(str(error))
 
 
-def test_adder_screen_compiles_one_config_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _ADDER_SCREEN_CHILD], env=env, capture_output=True, text=True,
-                          timeout=120, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    if done.stdout.startswith("SKIP"):
-        pytest.skip(done.stdout.strip())
-    ok, score, *reason = done.stdout.split("VERDICT")[1].split()
+def _small_forward_layer():
+    import torch
+
+    from triton_adder.measure import sass
+
+    return sass.meta_layer(torch.float32, (2, 16, 8, 8), 16, (3, 3), 1, 1, 1, False)
+
+
+def test_adder_screen_compiles_one_config_for_sm90_in_a_child_under_the_interpreter():
+    # conftest sets TRITON_INTERPRET, which replaces the kernels in this process: the screen's
+    # compile runs in a child without it, which is what lets an interpreter run screen at all.
+    from triton_adder.autotune.tunables import compile_screen
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    _skip_without_cuobjdump()
+    screen = compile_screen("forward", *_small_forward_layer(), "paper", 90)
+    verdict = screen({"block_m": 32, "block_n": 16, "block_k": 8, "num_warps": 2, "num_stages": 1})
     # a small tile with 2 warps fits in registers; forward's floor is 2 FP32 instructions per element,
     # plus loads and address arithmetic, so the total lies above 2 and far below 20
-    assert ok == "True", reason
-    assert 2.0 <= float(score) < 20.0
+    assert verdict.ok, verdict.reason
+    assert 2.0 <= verdict.score < 20.0
+
+
+def test_an_isolated_compile_is_killed_at_its_deadline():
+    import time
+
+    from triton_adder.kernels.launch_config import KernelConfig
+    from triton_adder.measure import sass
+
+    _skip_without_cuobjdump()
+    started = time.perf_counter()
+    # a child needs seconds to import torch and triton before it even compiles, so 0.5 s must expire
+    with pytest.raises(TimeoutError, match="took over 0.5 s"):
+        sass.compile_stats_isolated("forward", *_small_forward_layer(), KernelConfig(32, 16, 8, 2, 1),
+                                    arch=90, timeout_s=0.5)  # fmt: skip
+    assert time.perf_counter() - started < 10
+
+
+def test_a_compile_past_its_deadline_drops_the_config(monkeypatch):
+    from triton_adder.autotune import tunables
+    from triton_adder.measure import sass
+
+    def too_slow(*args, **kwargs):
+        raise TimeoutError("took over 120 s")
+
+    monkeypatch.setattr(sass, "compile_stats_isolated", too_slow)
+    screen = tunables.compile_screen("forward", *_small_forward_layer(), "paper", 90)
+    config = {"block_m": 256, "block_n": 32, "block_k": 32, "num_warps": 2, "num_stages": 1}
+    verdict = screen(config)
+    assert not verdict.ok and verdict.reason == f"compile over {tunables.SCREEN_COMPILE_TIMEOUT_S:g} s"
+    result = prune(Tunable("fake", SPACE, {"n": 1}, lambda c: 1, dict(DEFAULT), screen=screen), [config])
+    assert result.kept == [] and result.reasons() == {verdict.reason: 1}
+
+
+def test_the_screen_is_opt_in_under_the_interpreter():
+    import torch
+
+    from triton_adder.autotune.tunables import screen_arch_for
+
+    _skip_without_cuobjdump()
+    cpu = torch.device("cpu")
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert screen_arch_for(cpu, None) is None
+    assert screen_arch_for(cpu, 80) == 80

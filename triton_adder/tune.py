@@ -222,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="tune for channels_last activations")
     parser.add_argument("--grad-mode", choices=GRAD_MODES, default="paper")
     parser.add_argument("--force", action="store_true", help="re-tune problems that are already cached")
+    parser.add_argument("--screen-arch", type=int, choices=(80, 90), default=None,
+                        help="compile each candidate for sm_<arch> and drop what spills before it is timed "
+                             "(on a GPU: always, for its own arch; off a GPU: sm_90 by default, and under "
+                             "TRITON_INTERPRET only with this flag, as each compile takes seconds)")
     args = parser.parse_args(argv)
     try:
         ops = parse_ops(args.ops)
@@ -278,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             rows = tune_model(args.model, batch, dtype, ops, args.budget_s, cache, device, quick,
                               channels_last=args.channels_last, force=args.force, grad_mode=args.grad_mode,
-                              progress=bar, shrink=shrink, shard=(context.rank, context.world_size))
+                              screen_arch=args.screen_arch, progress=bar, shrink=shrink,
+                              shard=(context.rank, context.world_size))
         finally:
             bar.close()
         rows = merge_shards(distributed.gather(context, rows))

@@ -63,6 +63,9 @@ SHARED_MEMORY_LIMITS = {80: 163 * 1024, 90: SHARED_MEMORY_BYTES}
 # at best ~1.5x slower, a gap no better memory behaviour of the same tiling family makes up.
 INSTRUCTION_BUDGET_FACTOR = 1.5
 DEFAULT_SCREEN_ARCH = 90
+SCREEN_COMPILE_TIMEOUT_S = 120.0
+"""A screened config whose compile runs longer is dropped: compiles took 4-60 s on a 2-core box, and one
+tile (256x32x32 on 2 warps, 128 accumulators per thread) was still compiling after 14 minutes."""
 
 
 def compile_screen(op: str, x, weight, geom, grad_mode: str, arch: int) -> Callable[[dict], ScreenResult]:
@@ -72,7 +75,9 @@ def compile_screen(op: str, x, weight, geom, grad_mode: str, arch: int) -> Calla
     dtype are read). Drops a config that spills (any stack frame or LDL/STL: ptxas caps registers at
     255, so running out of them shows as spills, and local memory traffic in a loop issue-bound on
     the ALUs costs more than any tile shape gains) or needs more shared memory than a block gets;
-    scores the rest by instructions per reduced element (lower first).
+    scores the rest by instructions per reduced element (lower first). Each compile runs in a child
+    process killed after `SCREEN_COMPILE_TIMEOUT_S` (the config is then dropped), so no single config
+    can stall a search, and the screen also runs inside an interpreter run.
     """
     if arch not in SHARED_MEMORY_LIMITS:
         raise ValueError(f"arch must be one of {tuple(SHARED_MEMORY_LIMITS)}, got {arch!r}")
@@ -81,7 +86,11 @@ def compile_screen(op: str, x, weight, geom, grad_mode: str, arch: int) -> Calla
 
     @functools.cache
     def kernel_verdict(kernel: KernelConfig) -> ScreenResult:
-        stats = sass.compile_stats(op, x_meta, weight_meta, geom, kernel, grad_mode=grad_mode, arch=arch)
+        try:
+            stats = sass.compile_stats_isolated(op, x_meta, weight_meta, geom, kernel, grad_mode=grad_mode,
+                                                arch=arch, timeout_s=SCREEN_COMPILE_TIMEOUT_S)  # fmt: skip
+        except TimeoutError:
+            return ScreenResult(False, f"compile over {SCREEN_COMPILE_TIMEOUT_S:g} s")
         if stats.spills:
             return ScreenResult(False, "spills", stats.instructions_per_element)
         if stats.shared_bytes > shared_limit:
@@ -99,10 +108,12 @@ def compile_screen(op: str, x, weight, geom, grad_mode: str, arch: int) -> Calla
 def screen_arch_for(device: torch.device, arch: int | None) -> int | None:
     """The target the tuner screens for: the GPU's own, else `arch` (default sm_90); None: no screen.
 
-    No screen under TRITON_INTERPRET (the interpreter replaces the @triton.jit kernels, so there is
-    nothing to compile for a target), without cuobjdump, or on a GPU outside SHARED_MEMORY_LIMITS.
+    Under TRITON_INTERPRET only when `arch` is given: the compiles run in child processes without
+    the interpreter (`compile_screen`), but at seconds each they would multiply the functional
+    run's minutes, so there it is opt-in (`tune --screen-arch`). No screen without cuobjdump or on a
+    GPU outside SHARED_MEMORY_LIMITS.
     """
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and arch is None:
         return None
     try:
         sass.cuobjdump_path()

@@ -64,6 +64,7 @@ def tune_model(
     progress: Progress | None = None,
     shrink: bool = False,
     shard: tuple[int, int] = (0, 1),
+    screen_arch: int | None = None,
 ) -> list[Row]:
     """Tune every (unique layer problem, op) of `model_name` not yet in `cache`; return the table rows.
 
@@ -71,6 +72,7 @@ def tune_model(
     the real problems at `batch_size`: the functional run of a machine without a GPU.
     shard: (rank, world_size); this process takes jobs rank, rank + world_size, ... of the model's
     job list (the same list in every process) and returns only their rows (`merge_shards` rejoins them).
+    screen_arch: the compile-time screen's target off a GPU (`tunables.screen_arch_for`).
     """
     rank, world_size = shard
     if not 0 <= rank < world_size:
@@ -102,7 +104,7 @@ def tune_model(
             row.config, row.time_s, row.default_time_s = hit.config, hit.entry["time_s"], hit.entry["default_time_s"]
             rows.append(row)
             continue
-        tunable = make_tunable(op, problem, dtype, device, channels_last, quick, grad_mode)
+        tunable = make_tunable(op, problem, dtype, device, channels_last, quick, grad_mode, screen_arch)
         result: TuningResult = search(tunable, benchmarker, budget_s=budget_s)
         row.runs, row.failures = result.runs, len(result.failures)
         if result.best is None:
@@ -116,6 +118,8 @@ def tune_model(
                     result.best_time_s, result.default_time_s, result.functional,
                 )
             ])  # fmt: skip
+            if result.screen_dropped:
+                row.notes.append(f"screen dropped {len(result.screen_dropped)} of {result.screened}")
             if result.budget_exhausted:
                 row.notes.append("budget reached")
             if any(e.status == "mismatch" for e in result.evaluations):

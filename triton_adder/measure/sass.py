@@ -11,6 +11,8 @@ Public API:
 - `compile_stats(op, x_meta, weight_meta, geom, config, *, grad_mode, arch) -> CompileStats`:
   registers, spills, shared memory, SHFL in the loop and instructions per element of one launch,
   the compile-time facts a tuner can prune on before timing anything;
+- `compile_stats_isolated(...)`: the same in a child process killed at a deadline (what the
+  tuner's screen uses: one large unrolled tile can keep a compile busy for many minutes);
 - `kernel_mix(...)`: the same compile, with the full `LoopMix` (per-class counts, loop text) and
   `access_efficiency` (bytes fetched per byte used, per operand), which `benchmarks/sass_screen.py`
   prints;
@@ -24,12 +26,15 @@ tests/test_sass.py under the installed version only.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -517,3 +522,48 @@ def compile_stats(op: str, x_meta, weight_meta, geom: Conv2dGeometry, config, *,
         loop_scope=mix.scope,
         global_loads_in_loop=tuple(sorted(mix.global_loads().items())),
     )
+
+
+def isolated_request(op: str, x_meta, weight_meta, geom: Conv2dGeometry, config, grad_mode: str, arch: int) -> dict:
+    """The JSON request `compile_child` reads: everything `compile_stats` needs, as plain values."""
+
+    def operand(t: torch.Tensor) -> dict:
+        return {"shape": list(t.shape), "stride": list(t.stride()), "dtype": str(t.dtype).removeprefix("torch.")}
+
+    return {"op": op, "x": operand(x_meta), "weight": operand(weight_meta), "geom": list(geom),
+            "config": None if config is None else asdict(config), "grad_mode": grad_mode,
+            "arch": arch}  # fmt: skip
+
+
+def compile_stats_isolated(
+    op: str, x_meta, weight_meta, geom: Conv2dGeometry, config, *, grad_mode="paper", arch: int = 90,
+    timeout_s: float = 300.0,
+) -> CompileStats:  # fmt: skip
+    """`compile_stats` in a child process (`measure.compile_child`), killed after `timeout_s` seconds.
+
+    Raises TimeoutError past the deadline (the child's whole process group is killed, ptxas
+    included), RuntimeError with the child's last error line if it fails. The child compiles
+    without TRITON_INTERPRET, so this also works inside an interpreter run. Costs one Python start
+    (about 2 s here) on top of the compile.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+    request = json.dumps(isolated_request(op, x_meta, weight_meta, geom, config, grad_mode, arch))
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "triton_adder.measure.compile_child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = child.communicate(request, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        raise TimeoutError(f"compiling {op} with {config} for sm_{arch} took over {timeout_s:g} s") from None
+    if child.returncode != 0:
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit {child.returncode}"
+        raise RuntimeError(f"compiling {op} with {config} for sm_{arch} failed: {last}")
+    fields = json.loads(out)
+    fields["global_loads_in_loop"] = tuple(tuple(pair) for pair in fields["global_loads_in_loop"])
+    return CompileStats(**fields)
