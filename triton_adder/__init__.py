@@ -7,13 +7,16 @@ Public API:
 - `adaptive_lr_`: the paper's per-layer adaptive learning-rate scaling (eq. 7-8), applied to
   gradients after backward (and after gradient synchronisation), like `clip_grad_norm_`.
 - `models`: the paper's networks (`models.build("resnet20", adder=True)`).
+- `precompile`: compile a model's CPU-path reductions ahead of its first step, in parallel
+  worker processes (`backends.cpu.precompile`).
 """
 
 from triton_adder import models
+from triton_adder.backends.cpu.precompile import precompile
 from triton_adder.functional import adder2d
 from triton_adder.models.convert import convert
 from triton_adder.nn import Adder2d
 from triton_adder.optim import adaptive_lr_
 
-__all__ = ["Adder2d", "adder2d", "adaptive_lr_", "convert", "models"]
+__all__ = ["Adder2d", "adder2d", "adaptive_lr_", "convert", "models", "precompile"]
 __version__ = "0.1.0"

@@ -90,6 +90,15 @@ def store(index_key: str, module: ModuleType) -> None:
         pass
 
 
+def has(index_key: str) -> bool:
+    """Whether `load(index_key)` would find a recorded module (without importing it)."""
+    try:
+        path = json.loads((index_dir() / f"{index_key}.json").read_text())["path"]
+        return os.path.isfile(path)
+    except Exception:  # noqa: BLE001  (unreadable or torn: as good as absent)
+        return False
+
+
 def load(index_key: str) -> Callable | None:
     """The runner of the module recorded for `index_key`, or None (not recorded, unreadable, gone)."""
     try:

@@ -28,6 +28,7 @@ that much.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import os
@@ -110,6 +111,8 @@ _compile_lock = threading.Lock()
 _compiler_failure: str | None = None
 compile_count = 0
 """How many callables this process has compiled (benchmarks and tests read it)."""
+_recording: list | None = None
+"""While `recording()` is on: the (fn, options, signature) of every compiled call, which returns zeros."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +205,28 @@ def _remember(key: tuple, compiled: Callable) -> None:
         _compiled.popitem(last=False)
 
 
+@contextlib.contextmanager
+def recording():
+    """Within: compiled calls compile and run nothing; each records (fn, options, signature) in the
+    yielded list and returns zeros of its output's shape, strides and dtype (worked out on the meta
+    device). `precompile` uses this for a dry step that costs the layout copies only."""
+    global _recording
+    with _compile_lock:
+        if _recording is not None:
+            raise RuntimeError("common.recording() is already on (one dry step at a time)")
+        _recording = seen = []
+    try:
+        yield seen
+    finally:
+        _recording = None
+
+
+def _zeros_like_output(fn, options: dict, args) -> torch.Tensor:
+    metas = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta") for a in args]
+    out = fn(*metas, **options)
+    return torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=args[0].device).zero_()
+
+
 def compiled_call(fn, options: dict, args):
     """Run fn(*args, **options) through a cached compiled callable; None if compiling is not possible.
 
@@ -217,6 +242,9 @@ def compiled_call(fn, options: dict, args):
     head = (fn.__name__, tuple(sorted(options.items())), symbolic)
     signature = _signature(args)
     key = (*head, signature)
+    if _recording is not None and not symbolic:
+        _recording.append((fn, options, signature))
+        return _zeros_like_output(fn, options, args)
     with _compile_lock:
         compiled = _compiled.get(key)
         if compiled is None and not symbolic:

@@ -1,0 +1,147 @@
+"""Compile a model's CPU reductions ahead of its first step, in parallel worker processes.
+
+A fresh process meets each layer shape's reductions one at a time, in the order the layers run,
+and compiles each before it can go on: ResNet-50's first step at batch 2 waits for 56 inductor
+compilations in a row (`results/benchmarks/cold_start.txt`), using one core. `precompile` instead
+
+1. runs one forward and backward of a deep copy of the model (the caller's model, its buffers and
+   gradients are untouched) with the reductions replaced by zeros of their outputs' shapes, which
+   costs the layout copies only, and records each reduction's exact call signature that the code
+   index (`code_index`) does not hold yet;
+2. compiles those signatures in `workers` processes at once; each writes the code index, exactly
+   as a first call would;
+
+so that the real first step finds every reduction in the index and compiles nothing. Worth it on
+a machine with more than one core, for a model of many layer shapes; the steps after the first
+are unchanged. Only the default compile mode (`common.compile_mode` "exact") keeps a code index
+to fill, so in any other mode, and for a model whose example input is not a CPU tensor, it does
+nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import triton_adder
+from triton_adder.backends.cpu import code_index, common
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduction:
+    """One compiled reduction to build: the function (by module and name), its options, its signature."""
+
+    module: str
+    name: str
+    options: tuple  # sorted (name, value) pairs
+    signature: tuple  # `common._signature` of its operands
+
+    @property
+    def fn(self) -> Callable:
+        return getattr(importlib.import_module(self.module), self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecompileReport:
+    """What `precompile` did: reductions the step needs, how many were compiled now, workers, seconds."""
+
+    needed: int
+    compiled: int
+    workers: int
+    seconds: float
+
+
+def collect(model: torch.nn.Module, example_input: torch.Tensor) -> list[Reduction]:
+    """The reductions one forward + backward of `model` on `example_input` needs that the index lacks."""
+    probe = copy.deepcopy(model).train(model.training)
+    with common.recording() as seen:
+        out = probe(example_input)
+        outputs = out if isinstance(out, (list, tuple)) else (out,)
+        loss = sum(o.float().sum() for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad)
+        if isinstance(loss, torch.Tensor):
+            loss.backward()
+    wanted = {}
+    for fn, options, signature in seen:
+        reduction = Reduction(fn.__module__, fn.__name__, tuple(sorted(options.items())), signature)
+        if not code_index.has(code_index.key(fn, options, signature)):
+            wanted.setdefault(reduction, None)
+    return list(wanted)
+
+
+def operand(shape, stride, dtype, aligned: bool) -> torch.Tensor:
+    """A zero tensor with these sizes and strides, whose data pointer is 16-byte aligned or not."""
+    span = 1 + sum((size - 1) * step for size, step in zip(shape, stride)) if all(shape) else 0
+    base = torch.zeros(span + 16, dtype=dtype)
+    offset = 0 if aligned else 1  # one element past an aligned allocation is misaligned
+    return base.as_strided(shape, stride, offset)
+
+
+def compile_all(reductions: list[Reduction]) -> int:
+    """Compile `reductions` in this process (each lands in the code index); returns compilations run."""
+    before = common.compile_count
+    for reduction in reductions:
+        args = tuple(operand(*spec) for spec in reduction.signature)
+        common.compiled_call(reduction.fn, dict(reduction.options), args)
+    return common.compile_count - before
+
+
+def _worker() -> None:
+    """A worker process: pickled reductions on stdin, the number compiled on stdout."""
+    torch.set_num_threads(1)  # the workers share the cores; a compile is single-threaded anyway
+    print(compile_all(pickle.load(sys.stdin.buffer)))
+
+
+_WORKER_COMMAND = "from triton_adder.backends.cpu.precompile import _worker; _worker()"
+
+
+def _start_worker(reductions: list[Reduction]) -> subprocess.Popen:
+    # A fresh interpreter (not multiprocessing, which re-runs a caller's unguarded script), importing
+    # this same copy of the package and sharing this process's inductor cache through the environment.
+    package_root = str(Path(triton_adder.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER_COMMAND], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env)  # fmt: skip
+    worker.stdin.write(pickle.dumps(reductions))
+    worker.stdin.close()
+    return worker
+
+
+def precompile(model: torch.nn.Module, example_input: torch.Tensor, workers: int | None = None) -> PrecompileReport:
+    """Compile every CPU reduction one training step of `model` on `example_input` needs, in parallel.
+
+    workers: processes (default: the CPU count, at most the number of reductions to compile).
+    Returns a `PrecompileReport`. Compilations the code index already holds are skipped, so a
+    second call costs one dry step. A worker that fails is reported with a warning; what it did
+    not compile is compiled by the first step, as without `precompile`.
+    """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
+    started = time.perf_counter()
+    if example_input.device.type != "cpu" or common.compile_mode() != "exact" or not common.compiler_enabled():
+        return PrecompileReport(0, 0, 0, time.perf_counter() - started)
+    todo = collect(model, example_input)
+    count = min(workers or os.cpu_count() or 1, len(todo))
+    running = [_start_worker(todo[i::count]) for i in range(count)]
+    compiled = 0
+    for worker in running:
+        out, err = worker.stdout.read(), worker.stderr.read()
+        if worker.wait() == 0:
+            compiled += int(out.split()[-1])
+        else:
+            lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+            warnings.warn(f"triton_adder.precompile: a worker failed ({lines[-1] if lines else worker.returncode}); "
+                          "the first step compiles what it left", RuntimeWarning, stacklevel=2)  # fmt: skip
+    return PrecompileReport(len(todo), compiled, count, time.perf_counter() - started)
