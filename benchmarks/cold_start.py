@@ -1,15 +1,19 @@
 """First-call cost of a ResNet-50 AdderNet on the CPU path, each measurement in a fresh process.
 
-    python benchmarks/cold_start.py [--model resnet50] [--batch 2] [--size 224] [--steps 3] [--output FILE]
+    python benchmarks/cold_start.py [--model resnet50] [--batch 2] [--size 224] [--steps 3] [--workers N]
+                                    [--output FILE]
 
-Three figures, as a new user meets them:
+Four figures, as a new user meets them:
 
 - cold: the first forward+backward in a fresh process with an EMPTY inductor cache (a new
   TORCHINDUCTOR_CACHE_DIR), so every layer shape is compiled from scratch;
 - warm: the same in a second fresh process reusing that cache directory (inductor's on-disk code
   cache and the CPU path's index of it, `backends.cpu.code_index`, are warm; this process's
   compiled-callable cache is empty);
-- steady: the median of `--steps` further forward+backward steps in the warm process.
+- steady: the median of `--steps` further forward+backward steps in the warm process;
+- precompiled cold: a fresh process with another empty cache that first calls
+  `triton_adder.precompile(model, x, workers=N)` (N = --workers, default the CPU count), then
+  takes its first step; the figure is precompile plus that step.
 
 Model construction and the import of triton_adder are excluded from every figure; the cold line
 says how many compilations the first step ran (`common.compile_count`) and how many distinct call
@@ -47,17 +51,25 @@ def child(args) -> None:
         model(x).sum().backward()
         return time.perf_counter() - start
 
+    precompile_s = None
+    if args.workers is not None:
+        start = time.perf_counter()
+        triton_adder.precompile(model, x, workers=args.workers)
+        precompile_s = time.perf_counter() - start
     first = step()
     compiled, signatures = common.compile_count, len(common._compiled)
     steady = [step() for _ in range(args.steps)]
-    print(json.dumps({"first_s": first, "steady_s": statistics.median(steady), "compiled": compiled,
-                      "signatures": signatures, "package": os.path.dirname(triton_adder.__file__)}))
+    print(json.dumps({"precompile_s": precompile_s, "first_s": first, "steady_s": statistics.median(steady),
+                      "compiled": compiled, "signatures": signatures,
+                      "package": os.path.dirname(triton_adder.__file__)}))
 
 
-def run_child(args, cache_dir: str) -> dict:
+def run_child(args, cache_dir: str, workers: int | None = None) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
     command = [sys.executable, os.path.abspath(__file__), "--child", "--model", args.model, "--batch",
                str(args.batch), "--size", str(args.size), "--steps", str(args.steps)]
+    if workers is not None:
+        command += ["--child-workers", str(workers)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"child process failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
@@ -71,12 +83,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--steps", type=int, default=3, help="steady-state steps after the first (median)")
     parser.add_argument("--output", help="also write the report to this file")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="precompile worker processes in the fourth run (default: the CPU count)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-workers", dest="child_workers", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for name in ("batch", "size", "steps"):
+    for name in ("batch", "size", "steps", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive int, got {getattr(args, name)}")
     if args.child:
+        args.workers = args.child_workers
         child(args)
         return
 
@@ -87,9 +103,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cold-start-inductor-") as cache_dir:
         cold = run_child(args, cache_dir)
         warm = run_child(args, cache_dir)
+    with tempfile.TemporaryDirectory(prefix="cold-start-inductor-") as cache_dir:
+        ahead = run_child(args, cache_dir, workers=args.workers)
     lines = [
         f"command: python benchmarks/cold_start.py --model {args.model} --batch {args.batch} --size {args.size} "
-        f"--steps {args.steps}",
+        f"--steps {args.steps} --workers {args.workers}",
         f"machine: {cpu_name()} ({os.cpu_count()} logical CPUs, shared); torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); python {sys.version.split()[0]}",
         f"triton_adder: {cold['package']} at {git_revision()}; "
@@ -101,6 +119,9 @@ def main() -> None:
         f"{warm['compiled']} compilations",
         f"steady state (median of {args.steps} steps after the first): {warm['steady_s']:.2f} s "
         f"(cold process: {cold['steady_s']:.2f} s)",
+        f"precompiled cold (fresh process, empty cache, precompile with {args.workers} workers, then the first step): "
+        f"{ahead['precompile_s'] + ahead['first_s']:7.1f} s = precompile {ahead['precompile_s']:.1f} s + first step "
+        f"{ahead['first_s']:.1f} s with {ahead['compiled']} compilations; steady {ahead['steady_s']:.2f} s",
     ]
     report = "\n".join(lines)
     print(report)

@@ -84,3 +84,15 @@ def test_precompile_rejects_bad_arguments_and_skips_what_it_cannot_fill(monkeypa
         triton_adder.precompile(model, [x])
     monkeypatch.setenv(cpu.COMPILE_ENV, "0")  # eager: nothing to compile, nothing run
     assert triton_adder.precompile(model, x).needed == 0
+
+
+def test_a_failing_worker_is_reported_and_leaves_the_work_to_the_first_step(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu.COMPILE_ENV, "1")
+    if not cpu.compiler_enabled():
+        pytest.skip(f"inductor unavailable here: {common._compiler_failure}")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    precompile = importlib.import_module("triton_adder.backends.cpu.precompile")
+    monkeypatch.setattr(precompile, "_WORKER_COMMAND", "import sys; sys.exit('worker exploded')")
+    with pytest.warns(RuntimeWarning, match="a worker failed \\(worker exploded\\)"):
+        report = triton_adder.precompile(_model(), torch.randn(2, 3, 9, 8), workers=2)
+    assert report.needed >= 3 and report.compiled == 0

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from triton_adder import models
 from triton_adder.backends import triton_interpreter_enabled, use_backend
+from triton_adder.backends.cpu.precompile import precompile
 from triton_adder.contract import KERNEL_DTYPES
 from triton_adder.geometry import Conv2dGeometry, LayerShape
 from triton_adder.models.census import DEFAULT_GPU_BATCH, MODEL_INPUT_SIZE, census, unique_adder_layers
@@ -241,7 +242,8 @@ def _model_rows(rec: Recorder, model_name: str, adder_model: nn.Module, cnn_mode
     device = rec.device
     generator = torch.Generator(device="cpu").manual_seed(0)
     images = torch.randn(*input_shape, generator=generator).to(device)
-    num_classes = None
+    with torch.no_grad():  # from the CNN twin: a batch-1 adder forward would compile every layer again
+        num_classes = cnn_model.to(device).eval()(images[:1]).shape[1]
     for variant, model in (("adder", adder_model), ("cnn", cnn_model)):
         calls = census(model, input_shape)
         adder_elements = sum(c.elements for c in calls if c.kind == "adder")
@@ -251,10 +253,7 @@ def _model_rows(rec: Recorder, model_name: str, adder_model: nn.Module, cnn_mode
                       role="adder" if variant == "adder" else "baseline", baseline_key="" if variant == "adder" else
                       "cnn", backend=backend if variant == "adder" else "torch", dtype="float32", config="",
                       elements=adder_elements + macs, additions=2 * adder_elements + macs, multiplications=macs)
-        model = model.to(device)
-        with torch.no_grad(), use_backend(backend):
-            model.eval()
-            num_classes = num_classes or model(images[:1]).shape[1]
+        model = model.to(device).eval()
         labels = torch.randint(0, num_classes, (input_shape[0],), generator=generator).to(device)
 
         def forward(model=model):
@@ -341,6 +340,9 @@ def measure(
     rec = Recorder(device, quick, repeats)
     budget = memory_budget(device, memory_budget_bytes)
     shapes = unique_adder_layers(census(adder_model, input_shape))[:max_layers] if layers else []
+    if backend == "cpu" and (shapes or whole_model):
+        # compile the model's CPU reductions on every core at once, not one by one as rows need them
+        precompile(adder_model, torch.randn(*input_shape))
     with tqdm(total=len(shapes) + bool(whole_model), desc=f"benchmark {model_name}", unit="step", file=sys.stderr,
               disable=not progress, dynamic_ncols=True) as bar:
         for shape, count in shapes:

@@ -24,8 +24,10 @@ import hashlib
 import inspect
 import json
 import os
+import platform
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 
@@ -46,9 +48,30 @@ def index_dir() -> Path:
 
 @functools.cache
 def _vector_isa() -> str:
-    from torch._inductor.cpu_vec_isa import pick_vec_isa  # noqa: PLC0415
+    from torch._inductor import cpu_vec_isa  # noqa: PLC0415
 
-    return str(pick_vec_isa())
+    _check_isas_at_once(cpu_vec_isa)
+    return str(cpu_vec_isa.pick_vec_isa())
+
+
+def _check_isas_at_once(cpu_vec_isa) -> None:
+    """Run inductor's per-ISA build checks in parallel threads before `pick_vec_isa` runs them in turn.
+
+    With an empty cache, `pick_vec_isa` builds a probe library per candidate ISA with g++, one after
+    another: 8.6 s of a cold first step on a 2-core box. The checks are independent (each its own
+    file lock and g++ process) and cached per ISA, so checking them at once leaves the same answer
+    in that cache. Only on x86, where there are several candidates; a change in these inductor
+    internals only loses the speed-up.
+    """
+    try:
+        if platform.machine() not in ("x86_64", "AMD64"):
+            return
+        flags = cpu_vec_isa.x86_isa_checker()
+        candidates = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
+        with ThreadPoolExecutor(max(1, len(candidates))) as pool:
+            list(pool.map(bool, candidates))
+    except Exception:  # noqa: BLE001  (pick_vec_isa still checks each one itself)
+        pass
 
 
 def key(fn: Callable, options: dict, signature: tuple) -> str:

@@ -27,6 +27,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -97,7 +98,9 @@ def compile_all(reductions: list[Reduction]) -> int:
 
 
 def _worker() -> None:
-    """A worker process: pickled reductions on stdin, the number compiled on stdout."""
+    """A worker process: imports what compiling needs, then pickled reductions on stdin, the count on stdout."""
+    import torch._inductor.compile_fx  # noqa: F401, PLC0415  (while the parent's dry step still runs)
+
     torch.set_num_threads(1)  # the workers share the cores; a compile is single-threaded anyway
     print(compile_all(pickle.load(sys.stdin.buffer)))
 
@@ -105,25 +108,47 @@ def _worker() -> None:
 _WORKER_COMMAND = "from triton_adder.backends.cpu.precompile import _worker; _worker()"
 
 
-def _start_worker(reductions: list[Reduction]) -> subprocess.Popen:
+def _start_worker() -> subprocess.Popen:
     # A fresh interpreter (not multiprocessing, which re-runs a caller's unguarded script), importing
     # this same copy of the package and sharing this process's inductor cache through the environment.
+    # stderr goes to a file: a pipe nobody reads while waiting on another worker could fill and stall it.
     package_root = str(Path(triton_adder.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    error_log = tempfile.TemporaryFile()
     worker = subprocess.Popen([sys.executable, "-c", _WORKER_COMMAND], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=env)  # fmt: skip
-    worker.stdin.write(pickle.dumps(reductions))
-    worker.stdin.close()
+                              stderr=error_log, env=env)  # fmt: skip
+    worker.error_log = error_log
     return worker
+
+
+def _send(worker: subprocess.Popen, reductions: list[Reduction]) -> None:
+    try:
+        worker.stdin.write(pickle.dumps(reductions))  # the worker reads it all before writing anything
+        worker.stdin.close()
+    except BrokenPipeError:  # it died before reading: `_wait` reports it
+        pass
+
+
+def _wait(worker: subprocess.Popen) -> int:
+    """What a worker compiled, once it is done (0, with a warning, if it failed)."""
+    out = worker.stdout.read()
+    if worker.wait() == 0:
+        return int(out.split()[-1])
+    worker.error_log.seek(0)
+    lines = [line for line in worker.error_log.read().decode(errors="replace").splitlines() if line.strip()]
+    warnings.warn(f"triton_adder.precompile: a worker failed ({lines[-1] if lines else worker.returncode}); "
+                  "the first step compiles what it left", RuntimeWarning, stacklevel=3)  # fmt: skip
+    return 0
 
 
 def precompile(model: torch.nn.Module, example_input: torch.Tensor, workers: int | None = None) -> PrecompileReport:
     """Compile every CPU reduction one training step of `model` on `example_input` needs, in parallel.
 
-    workers: processes (default: the CPU count, at most the number of reductions to compile).
-    Returns a `PrecompileReport`. Compilations the code index already holds are skipped, so a
-    second call costs one dry step. A worker that fails is reported with a warning; what it did
-    not compile is compiled by the first step, as without `precompile`.
+    workers: processes (default: the CPU count; 1 compiles in this process). They start first and
+    import torch while the dry step runs; those with nothing to compile are stopped. Returns a
+    `PrecompileReport`. Compilations the code index already holds are skipped, so a second call
+    costs one dry step. A worker that fails is reported with a warning; what it did not compile is
+    compiled by the first step, as without `precompile`.
     """
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive int or None, got {workers!r}")
@@ -132,16 +157,21 @@ def precompile(model: torch.nn.Module, example_input: torch.Tensor, workers: int
     started = time.perf_counter()
     if example_input.device.type != "cpu" or common.compile_mode() != "exact" or not common.compiler_enabled():
         return PrecompileReport(0, 0, 0, time.perf_counter() - started)
-    todo = collect(model, example_input)
-    count = min(workers or os.cpu_count() or 1, len(todo))
-    running = [_start_worker(todo[i::count]) for i in range(count)]
-    compiled = 0
-    for worker in running:
-        out, err = worker.stdout.read(), worker.stderr.read()
-        if worker.wait() == 0:
-            compiled += int(out.split()[-1])
-        else:
-            lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
-            warnings.warn(f"triton_adder.precompile: a worker failed ({lines[-1] if lines else worker.returncode}); "
-                          "the first step compiles what it left", RuntimeWarning, stacklevel=2)  # fmt: skip
-    return PrecompileReport(len(todo), compiled, count, time.perf_counter() - started)
+    count = workers or os.cpu_count() or 1
+    running = [_start_worker() for _ in range(count)] if count > 1 else []
+    try:
+        todo = collect(model, example_input)
+        if not running:
+            return PrecompileReport(len(todo), compile_all(todo), 1, time.perf_counter() - started)
+        used = running[: len(todo)]
+        for i, worker in enumerate(used):
+            _send(worker, todo[i :: len(used)])
+        compiled = sum(_wait(worker) for worker in used)
+        return PrecompileReport(len(todo), compiled, len(used), time.perf_counter() - started)
+    finally:
+        for worker in running:
+            if worker.poll() is None:  # not needed (or interrupted): stop it
+                worker.kill()
+                worker.wait()
+            for stream in (worker.stdin, worker.stdout, worker.error_log):
+                stream.close()
