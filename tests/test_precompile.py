@@ -58,7 +58,8 @@ def test_precompile_fills_the_index_so_the_first_step_compiles_nothing(monkeypat
             lambda layer, inputs, output, name=name: seen.update({name: (inputs[0].detach(), output.detach())}))
     model[3].register_full_backward_hook(  # the first layer's input needs no gradient
         lambda layer, grad_input, grad_output: seen.update({"3.grad": (grad_output[0].detach(), grad_input[0])}))
-    model(x).square().sum().backward()
+    out = model(x)
+    (out * torch.randn_like(out)).sum().backward()  # grad_out ~ N(0, 1): the O(1) terms the tolerances assume
     for name in ("0", "3"):
         layer = model.get_submodule(name)
         inputs, output = seen[name]
@@ -96,3 +97,20 @@ def test_a_failing_worker_is_reported_and_leaves_the_work_to_the_first_step(monk
     with pytest.warns(RuntimeWarning, match="a worker failed \\(worker exploded\\)"):
         report = triton_adder.precompile(_model(), torch.randn(2, 3, 9, 8), workers=2)
     assert report.needed >= 3 and report.compiled == 0
+
+
+def test_the_index_key_covers_the_thread_count():
+    # inductor generates OpenMP loops for torch's thread count (none for 1): a module compiled for
+    # one count must not serve a process with another (precompile's workers take the parent's)
+    code_index = importlib.import_module("triton_adder.backends.cpu.code_index")
+    forward = importlib.import_module("triton_adder.backends.cpu.forward")
+    signature = (((1, 2, 3), (6, 3, 1), torch.float32, True),)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = code_index.key(forward._forward_body, {}, signature)
+        torch.set_num_threads(2)
+        two = code_index.key(forward._forward_body, {}, signature)
+    finally:
+        torch.set_num_threads(threads)
+    assert one != two

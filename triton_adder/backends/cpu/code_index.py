@@ -7,8 +7,8 @@ compilation as a Python module (the generated C++ loops are built into shared li
 cached by their source) whose ``call(args)`` runs the graph; this index records, per signature, which
 module that was, so the next process imports the module and calls it directly.
 
-Keys cover everything the generated code depends on: torch version, the CPU's vector ISA, the
-function's source and options, and each operand's sizes, strides, dtype and alignment. One small
+Keys cover everything the generated code depends on: torch version, the CPU's vector ISA, torch's
+thread count, the function's source and options, and each operand's sizes, strides, dtype and alignment. One small
 JSON file per key, written to a temporary name and renamed into place, so two processes writing
 the same key (with the same content) cannot leave a torn file; a file that is missing, unreadable or
 points at a module that is gone (or outside inductor's cache) is ignored and the shape compiled
@@ -76,7 +76,9 @@ def _check_isas_at_once(cpu_vec_isa) -> None:
 
 def key(fn: Callable, options: dict, signature: tuple) -> str:
     """The index key of fn(*args, **options) for operands with this `common._signature`."""
-    parts = [torch.__version__, _vector_isa(), fn.__module__, fn.__qualname__, inspect.getsource(fn),
+    # the thread count too: inductor writes OpenMP loops for it (none at all for 1 thread)
+    parts = [torch.__version__, _vector_isa(), str(torch.get_num_threads()), fn.__module__, fn.__qualname__,
+             inspect.getsource(fn),
              repr(sorted(options.items())), repr(signature)]  # fmt: skip
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 

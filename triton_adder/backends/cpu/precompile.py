@@ -101,8 +101,10 @@ def _worker() -> None:
     """A worker process: imports what compiling needs, then pickled reductions on stdin, the count on stdout."""
     import torch._inductor.compile_fx  # noqa: F401, PLC0415  (while the parent's dry step still runs)
 
-    torch.set_num_threads(1)  # the workers share the cores; a compile is single-threaded anyway
-    print(compile_all(pickle.load(sys.stdin.buffer)))
+    threads, reductions = pickle.load(sys.stdin.buffer)
+    # the parent's thread count, not fewer for sharing the cores: inductor generates the loops for it
+    torch.set_num_threads(threads)
+    print(compile_all(reductions))
 
 
 _WORKER_COMMAND = "from triton_adder.backends.cpu.precompile import _worker; _worker()"
@@ -123,7 +125,7 @@ def _start_worker() -> subprocess.Popen:
 
 def _send(worker: subprocess.Popen, reductions: list[Reduction]) -> None:
     try:
-        worker.stdin.write(pickle.dumps(reductions))  # the worker reads it all before writing anything
+        worker.stdin.write(pickle.dumps((torch.get_num_threads(), reductions)))  # read whole before any output
         worker.stdin.close()
     except BrokenPipeError:  # it died before reading: `_wait` reports it
         pass
