@@ -51,6 +51,8 @@ CASES = {
     "1x1 s2 downsample": ((2, 6, 10, 9), (5, 6, 1, 1), (2, 2), (0, 0), (1, 1), 1, (0, 0), False),
     "2x4 s1x2 d2 pad3": ((1, 3, 7, 8), (4, 3, 2, 4), (1, 2), (0, 3), (2, 2), 1, (0, -2), True),
     "5x5 s1 pad2 short bottom": ((3, 4, 5, 6), (2, 4, 5, 5), (1, 1), (2, 2), (1, 1), 1, (-1, -2), False),
+    # the kernel covers the input: one output position (VGG's classifier as a convolution), groups
+    "3x2 fully connected g2": ((2, 6, 3, 2), (10, 3, 3, 2), (1, 1), (0, 0), (1, 1), 2, (0, 0), True),
 }
 
 
@@ -154,6 +156,7 @@ def test_grad_mode_is_checked(eager):
         ("3x3 s1 bias", torch.float32, "contiguous", ("paper", "exact")),  # stride 1: one input-gradient phase
         ("s2x3 d2x1 g2 asym", torch.float32, "channels_last", ("paper",)),  # three phases, groups
         ("3x2 s3x1 d1x2 depthwise", torch.bfloat16, "strided", ("paper",)),  # low precision, depthwise
+        ("3x2 fully connected g2", torch.float32, "channels_last", ("paper", "exact")),  # taps folded into Cg
     ],
 )
 def test_compiled(case, dtype, memory_format, grad_modes, monkeypatch):
@@ -163,6 +166,19 @@ def test_compiled(case, dtype, memory_format, grad_modes, monkeypatch):
     before = len(common._compiled)
     check_backend(CASES[case], dtype, memory_format, grad_modes)
     assert len(common._compiled) > before, "no compiled callable was used"
+
+
+def test_fully_connected_input_gradient_reduces_over_channels_only(monkeypatch, eager):
+    """A 1x1-output layer whose kernel covers the input takes one reduction with a single tap (U = V = 1),
+    not the phase gather over every tap; the grid's "fully connected" case checks its values."""
+    module = importlib.import_module("triton_adder.backends.cpu.grad_input")
+    shapes = []
+    original = module._grad_input_phase
+    monkeypatch.setattr(module, "_grad_input_phase",
+                        lambda grad_taps, *rest: shapes.append(tuple(grad_taps.shape)) or original(grad_taps, *rest))
+    x, weight, _, grad_out, geom = _inputs(CASES["3x2 fully connected g2"], torch.float32)
+    cpu.grad_input(grad_out, x, weight, geom, "paper")
+    assert shapes == [(2, 1, 1, 1, 1, 2, 5)]
 
 
 def test_compiled_channel_blocks(monkeypatch):

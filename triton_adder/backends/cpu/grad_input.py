@@ -94,6 +94,8 @@ def grad_input(
     cout, cg, kh, kw = weight.shape
     groups = geom.groups
     tg = cout // groups
+    if _fully_connected(x, weight, geom):
+        return _grad_input_fully_connected(grad_out, x, weight, geom, grad_mode, dtype)
     # Channels-last copy (a no-op view when x is channels_last float32): with a channels-strided
     # view of an NCHW x, inductor vectorised along the width instead of the channels (50x slower).
     x_nhwc = x.to(dtype).permute(0, 2, 3, 1).contiguous()
@@ -128,6 +130,34 @@ def grad_input(
                 grad_x[:, rows, cols] = out
     grad_x = grad_x.to(x.dtype).permute(0, 3, 1, 2)
     return grad_x if channels_last else grad_x.contiguous()
+
+
+def _fully_connected(x, weight, geom: Conv2dGeometry) -> bool:
+    """Whether the one output position reads every input element through exactly one tap (VGG's
+    classifier as a 7x7 convolution on a 7x7 map): a 1x1 output, no padding or dilation, input = kernel."""
+    return geom.out_size == (1, 1) and geom.padding == (0, 0) and geom.dilation == (1, 1) and (
+        x.shape[2:] == weight.shape[2:]
+    )
+
+
+def _grad_input_fully_connected(grad_out, x, weight, geom: Conv2dGeometry, grad_mode: str, dtype):
+    """The input gradient of a `_fully_connected` layer as one reduction over output channels.
+
+    Every input element (c, i, j) is read by tap (i, j) alone, so dX[n, c, i, j] = sum_t gY[n, t] *
+    clamp(W[t, c, i, j] - X[n, c, i, j]): the same body as a phase, with the kernel's taps folded into
+    the channel axis. The gather over phases would instead visit all kh * kw taps for every input
+    element, of which one is in range (49x the work for a 7x7 kernel).
+    """
+    n, cin, kh, kw = x.shape
+    groups = geom.groups
+    taps = cin // groups * kh * kw
+    grad_taps = grad_out.to(dtype).reshape(n, 1, 1, 1, 1, groups, -1)  # (N, M, M', U, V, G, Tg), M = U = 1
+    w_flat = weight.to(dtype).reshape(groups, 1, 1, -1, taps)  # (G, U, V, Tg, Cg * kh * kw)
+    x_flat = x.to(dtype).reshape(n, 1, 1, groups, taps)  # (c, i, j) in the weight's order
+    options = {"exact": grad_mode == "exact", "compute_dtype": dtype}
+    grad_x = _grad_input_phase(grad_taps, w_flat.contiguous(), x_flat, options).reshape(n, cin, kh, kw)
+    grad_x = grad_x.to(x.dtype)
+    return grad_x.contiguous(memory_format=torch.channels_last) if common.is_channels_last(x) else grad_x
 
 
 def _grad_input_compiled(grad_taps, w_phase, x_phase, options):
