@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import pytest
@@ -186,3 +187,32 @@ def test_the_screen_is_opt_in_under_the_interpreter():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     assert screen_arch_for(cpu, None) is None
     assert screen_arch_for(cpu, 80) == 80
+
+
+def test_tune_screens_inside_the_interpreter_run_only_when_asked(cache_dir, monkeypatch):
+    """`tune --screen-arch` reaches the tuner's screen in an interpreter run: what the (fake) compiler
+    reports as spilling, here every config it sees, is dropped before timing, the default (never
+    screened) wins, and the table row says how many were dropped."""
+    import torch
+
+    from triton_adder.autotune import lookup, tuner
+    from triton_adder.kernels.launch_config import kernel_config_of
+    from triton_adder.measure import sass
+
+    _skip_without_cuobjdump()
+    compiled = []
+
+    def fake_isolated_compile(op, x, weight, geom, config, *, grad_mode, arch, timeout_s):
+        compiled.append(config)
+        return sass.CompileStats(op, arch, "fake", 255, 64, 4, 0, 0, 2.0, 2.5, "loop")  # 64 B stack: spills
+
+    monkeypatch.setattr(sass, "compile_stats_isolated", fake_isolated_compile)
+    cache = lookup.cache_for(torch.device("cpu"))
+    args = ("lenet5bn", 1, torch.float32, ("forward",), 60, cache, torch.device("cpu"))
+    rows = tuner.tune_model(*args, quick=True, shrink=True)
+    assert not compiled and not any("screen" in note for row in rows for note in row.notes)
+    rows = tuner.tune_model(*args, quick=True, shrink=True, force=True, screen_arch=90)
+    assert compiled and all(row.status == "tuned" for row in rows)
+    assert all(kernel_config_of(row.config) not in compiled for row in rows)
+    dropped = [note for row in rows for note in row.notes if note.startswith("screen dropped")]
+    assert len(dropped) == len(rows) and all(re.fullmatch(r"screen dropped (\d+) of \1", note) for note in dropped)
