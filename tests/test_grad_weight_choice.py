@@ -138,12 +138,12 @@ def test_screen_compiles_each_kernel_tile_once_whatever_its_method_and_split(mon
     # The split is a run-time argument and the method does not change the kernel: one compile per tile.
     compiled = []
 
-    def fake_compile_stats(op, x_meta, weight_meta, geom, config, *, grad_mode, arch):
+    def fake_compile_stats(op, x_meta, weight_meta, geom, config, *, grad_mode, arch, timeout_s):
         compiled.append(config)
         spills = config.block_k == 8  # a verdict that depends on the tile only
         return sass.CompileStats(op, arch, "fake", 128, 64 if spills else 0, 0, 0, 0, 1.0, 2.0 + config.block_k, "loop")
 
-    monkeypatch.setattr(tunables.sass, "compile_stats", fake_compile_stats)
+    monkeypatch.setattr(tunables.sass, "compile_stats_isolated", fake_compile_stats)
     problem = lenet_conv2_problem()
     x, weight = torch.empty(problem.shape.x_shape), torch.empty(problem.shape.weight_shape)
     screen = tunables.compile_screen("grad_weight", x, weight, problem.geom, "paper", 90)
