@@ -127,16 +127,17 @@ def test_tf_same_padding_adder_matches_the_convolution_and_float64(size, stride)
     assert_matches_reference(y, expected, torch.float64, 3 * 3 * 4)
 
 
-@pytest.mark.parametrize("mode, most", [("1", 2), (common.SYMBOLIC, 1)])
-def test_blocked_layer_compiles_at_most_two_callables_per_pass(mode, most, monkeypatch):
-    """A 2.4 MB weight is split into 5 channel blocks; the forward compiles one callable for the
-    equal blocks and at most one more for the shorter last block, which symbolic sizes cover too
-    (keying on the storage offset compiled one per block: 5)."""
+@pytest.mark.parametrize("mode, cout, most", [("1", 4096, 1), ("1", 4092, 2), (common.SYMBOLIC, 4096, 1)])
+def test_blocked_layer_compiles_at_most_two_callables_per_pass(mode, cout, most, monkeypatch):
+    """A 2.4 MB weight is split into channel blocks: 4096 channels into 4 equal blocks of 1024 (a
+    divisor near the 5-block split), one callable; 4092 has no such divisor, so 5 blocks of 820 and
+    a shorter last one, at most two callables, which symbolic sizes cover with one (keying on the
+    storage offset compiled one per block: 5)."""
     monkeypatch.setenv(common.COMPILE_ENV, mode)
     if not common.compiler_enabled():
         pytest.skip("the CPU compiler is disabled here")
     torch.manual_seed(0)
-    layer = Adder2d(16, 4096, 3, padding=1)
+    layer = Adder2d(16, cout, 3, padding=1)
     x = torch.randn(1, 16, 4, 3)
     with use_backend("cpu"):
         before = common.compile_count

@@ -317,11 +317,16 @@ def weight_blocks(weight_bytes: int) -> int:
 
 def channel_block(channels: int, blocks: int) -> int:
     """Channels per block when splitting `channels` into about `blocks` blocks: a multiple of 4, so
-    that float32 blocks start on inductor's 16-byte alignment and all but the last block share one
-    compiled callable (the last, when shorter, takes a second one: at most two per pass; symbolic
-    compilation covers it too unless it is a single channel, a size the tracer specialises)."""
-    block = -(-channels // blocks)
-    return min(channels, -(-block // 4) * 4)
+    that float32 blocks start on inductor's 16-byte alignment and all blocks of equal size share one
+    compiled callable. A multiple of 4 that divides `channels` and is at most 1.5x the even split
+    is taken when there is one (256 channels in 5 blocks: 4 of 64, not 4 of 52 and one of 48), so
+    no shorter last block costs a second compilation; otherwise the last block is shorter (at most
+    two callables per pass; symbolic compilation covers it too unless it is a single channel, a
+    size the tracer specialises)."""
+    even = -(-channels // blocks)
+    block = min(channels, -(-even // 4) * 4)
+    dividing = [size for size in range(block, int(1.5 * even) + 1, 4) if channels % size == 0]
+    return dividing[0] if dividing else block
 
 
 # --------------------------------------------------------------------------------------------
