@@ -342,7 +342,7 @@ def measure(
     shapes = unique_adder_layers(census(adder_model, input_shape))[:max_layers] if layers else []
     if backend == "cpu" and (shapes or whole_model):
         # compile the model's CPU reductions on every core at once, not one by one as rows need them
-        precompile(adder_model, torch.randn(*input_shape))
+        precompile(adder_model, torch.zeros(input_shape))  # only its shape matters; leaves the RNG alone
     with tqdm(total=len(shapes) + bool(whole_model), desc=f"benchmark {model_name}", unit="step", file=sys.stderr,
               disable=not progress, dynamic_ncols=True) as bar:
         for shape, count in shapes:
