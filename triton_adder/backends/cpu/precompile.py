@@ -1,7 +1,7 @@
 """Compile a model's CPU reductions ahead of its first step, in parallel worker processes.
 
 A fresh process meets each layer shape's reductions one at a time, in the order the layers run,
-and compiles each before it can go on: ResNet-50's first step at batch 2 waits for 56 inductor
+and compiles each before it can go on: ResNet-50's first step at batch 2 waits for 53 inductor
 compilations in a row (`results/benchmarks/cold_start.txt`), using one core. `precompile` instead
 
 1. runs one forward and backward of a deep copy of the model (the caller's model, its buffers and
