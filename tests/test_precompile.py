@@ -11,7 +11,7 @@ from torch import nn
 
 import triton_adder
 from tests.tolerance import assert_matches_reference
-from triton_adder import reference
+from triton_adder import backends, reference
 from triton_adder.backends import cpu
 from triton_adder.geometry import Conv2dGeometry
 
@@ -85,6 +85,11 @@ def test_precompile_rejects_bad_arguments_and_skips_what_it_cannot_fill(monkeypa
         triton_adder.precompile(model, [x])
     monkeypatch.setenv(cpu.COMPILE_ENV, "0")  # eager: nothing to compile, nothing run
     assert triton_adder.precompile(model, x).needed == 0
+    monkeypatch.setenv(cpu.COMPILE_ENV, "1")
+    if backends.triton_interpreter_enabled():  # CPU tensors then run the Triton kernels, not the CPU path
+        with backends.use_backend(None), common.recording() as seen:  # a dry step would raise in here
+            report = triton_adder.precompile(model, x)
+        assert (report.needed, report.compiled, report.workers, seen) == (0, 0, 0, [])
 
 
 def test_a_failing_worker_is_reported_and_leaves_the_work_to_the_first_step(monkeypatch, tmp_path):

@@ -14,8 +14,8 @@ compilations in a row (`results/benchmarks/cold_start.txt`), using one core. `pr
 so that the real first step finds every reduction in the index and compiles nothing. Worth it on
 a machine with more than one core, for a model of many layer shapes; the steps after the first
 are unchanged. Only the default compile mode (`common.compile_mode` "exact") keeps a code index
-to fill, so in any other mode, and for a model whose example input is not a CPU tensor, it does
-nothing.
+to fill, so in any other mode, and for an example input the CPU path does not run (a CUDA
+tensor; a CPU tensor under TRITON_INTERPRET, which runs the Triton kernels), it does nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +36,12 @@ from pathlib import Path
 import torch
 
 import triton_adder
+from triton_adder import backends
 from triton_adder.backends.cpu import code_index, common
+
+DEFAULT_MAX_WORKERS = 8
+"""Default cap on worker processes: each holds its own torch and inductor (455 MB resident after one
+compilation, measured on a 2-core box), so one per core of a large machine would cost tens of GB."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +151,8 @@ def _wait(worker: subprocess.Popen) -> int:
 def precompile(model: torch.nn.Module, example_input: torch.Tensor, workers: int | None = None) -> PrecompileReport:
     """Compile every CPU reduction one training step of `model` on `example_input` needs, in parallel.
 
-    workers: processes (default: the CPU count; 1 compiles in this process). They start first and
+    workers: processes (default: the usable CPUs, at most `DEFAULT_MAX_WORKERS`; 1 compiles in this
+    process). They start first and
     import torch while the dry step runs; those with nothing to compile are stopped. Returns a
     `PrecompileReport`. Compilations the code index already holds are skipped, so a second call
     costs one dry step. A worker that fails is reported with a warning; what it did not compile is
@@ -157,9 +163,11 @@ def precompile(model: torch.nn.Module, example_input: torch.Tensor, workers: int
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
     started = time.perf_counter()
-    if example_input.device.type != "cpu" or common.compile_mode() != "exact" or not common.compiler_enabled():
+    on_the_cpu_path = backends.backend_name(example_input) == "cpu" and example_input.device.type == "cpu"
+    if not on_the_cpu_path or common.compile_mode() != "exact" or not common.compiler_enabled():
         return PrecompileReport(0, 0, 0, time.perf_counter() - started)
-    count = workers or os.cpu_count() or 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    count = workers or min(DEFAULT_MAX_WORKERS, usable)
     running = [_start_worker() for _ in range(count)] if count > 1 else []
     try:
         todo = collect(model, example_input)
