@@ -130,6 +130,7 @@ def _start_worker() -> subprocess.Popen:
 
 def _send(worker: subprocess.Popen, reductions: list[Reduction]) -> None:
     try:
+        # pickle over a pipe to a child this process started (never a file): dtypes and tuples as they are
         worker.stdin.write(pickle.dumps((torch.get_num_threads(), reductions)))  # read whole before any output
         worker.stdin.close()
     except BrokenPipeError:  # it died before reading: `_wait` reports it
