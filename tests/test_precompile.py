@@ -119,3 +119,19 @@ def test_the_index_key_covers_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert one != two
+
+
+def test_child_processes_import_this_copy_of_the_package(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from triton_adder.child_process import PACKAGE_ROOT, child_env
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    code = "import os, triton_adder; print(triton_adder.__file__); print(os.environ.get('TRITON_INTERPRET'))"
+    done = subprocess.run([sys.executable, "-c", code], env=child_env(without=("TRITON_INTERPRET",)), cwd=tmp_path,
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    path, interpret = done.stdout.split()
+    assert Path(path).resolve().is_relative_to(Path(PACKAGE_ROOT)) and interpret == "None"

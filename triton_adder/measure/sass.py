@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from triton_adder.child_process import child_env
 from triton_adder.contract import memory_format
 from triton_adder.geometry import Conv2dGeometry
 
@@ -549,7 +550,7 @@ def compile_stats_isolated(
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
     request = json.dumps(isolated_request(op, x_meta, weight_meta, geom, config, grad_mode, arch))
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env = child_env(without=("TRITON_INTERPRET",))
     child = subprocess.Popen(
         [sys.executable, "-m", "triton_adder.measure.compile_child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,

@@ -31,13 +31,12 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-import triton_adder
 from triton_adder import backends
 from triton_adder.backends.cpu import code_index, common
+from triton_adder.child_process import child_env
 
 DEFAULT_MAX_WORKERS = 8
 """Default cap on worker processes: each holds its own torch and inductor (455 MB resident after one
@@ -117,13 +116,11 @@ _WORKER_COMMAND = "from triton_adder.backends.cpu.precompile import _worker; _wo
 
 def _start_worker() -> subprocess.Popen:
     # A fresh interpreter (not multiprocessing, which re-runs a caller's unguarded script), importing
-    # this same copy of the package and sharing this process's inductor cache through the environment.
+    # this same copy of the package (`child_env`) and sharing this process's inductor cache through it.
     # stderr goes to a file: a pipe nobody reads while waiting on another worker could fill and stall it.
-    package_root = str(Path(triton_adder.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     error_log = tempfile.TemporaryFile()
     worker = subprocess.Popen([sys.executable, "-c", _WORKER_COMMAND], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=error_log, env=env)  # fmt: skip
+                              stderr=error_log, env=child_env())  # fmt: skip
     worker.error_log = error_log
     return worker
 
