@@ -558,9 +558,11 @@ def compile_stats_isolated(
     try:
         out, err = child.communicate(request, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.communicate()
         raise TimeoutError(f"compiling {op} with {config} for sm_{arch} took over {timeout_s:g} s") from None
+    finally:  # past the deadline, or this thread interrupted: the compile (and its ptxas) must not outlive it
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
     if child.returncode != 0:
         lines = [line for line in err.strip().splitlines() if line.strip()]
         last = lines[-1] if lines else f"exit {child.returncode}"

@@ -111,8 +111,9 @@ _compile_lock = threading.Lock()
 _compiler_failure: str | None = None
 compile_count = 0
 """How many callables this process has compiled (benchmarks and tests read it)."""
-_recording: list | None = None
-"""While `recording()` is on: the (fn, options, signature) of every compiled call, which returns zeros."""
+_recording = threading.local()
+"""`.calls`, in the thread where `recording()` is on: the (fn, options, signature) of each compiled call,
+which returns zeros; other threads keep computing for real."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,18 +208,16 @@ def _remember(key: tuple, compiled: Callable) -> None:
 
 @contextlib.contextmanager
 def recording():
-    """Within: compiled calls compile and run nothing; each records (fn, options, signature) in the
-    yielded list and returns zeros of its output's shape, strides and dtype (worked out on the meta
-    device). `precompile` uses this for a dry step that costs the layout copies only."""
-    global _recording
-    with _compile_lock:
-        if _recording is not None:
-            raise RuntimeError("common.recording() is already on (one dry step at a time)")
-        _recording = seen = []
+    """Within, in this thread: compiled calls compile and run nothing; each records (fn, options,
+    signature) in the yielded list and returns zeros of its output's shape, strides and dtype (worked
+    out on the meta device). `precompile` uses this for a dry step that costs the layout copies only."""
+    if getattr(_recording, "calls", None) is not None:
+        raise RuntimeError("common.recording() is already on in this thread (one dry step at a time)")
+    _recording.calls = seen = []
     try:
         yield seen
     finally:
-        _recording = None
+        _recording.calls = None
 
 
 def _zeros_like_output(fn, options: dict, args) -> torch.Tensor:
@@ -242,8 +241,9 @@ def compiled_call(fn, options: dict, args):
     head = (fn.__name__, tuple(sorted(options.items())), symbolic)
     signature = _signature(args)
     key = (*head, signature)
-    if _recording is not None and not symbolic:
-        _recording.append((fn, options, signature))
+    recorded = getattr(_recording, "calls", None)
+    if recorded is not None and not symbolic:
+        recorded.append((fn, options, signature))
         return _zeros_like_output(fn, options, args)
     with _compile_lock:
         compiled = _compiled.get(key)

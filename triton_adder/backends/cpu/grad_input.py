@@ -151,7 +151,8 @@ def _grad_input_fully_connected(grad_out, x, weight, geom: Conv2dGeometry, grad_
     n, cin, kh, kw = x.shape
     groups = geom.groups
     taps = cin // groups * kh * kw
-    grad_taps = grad_out.to(dtype).reshape(n, 1, 1, 1, 1, groups, -1)  # (N, M, M', U, V, G, Tg), M = U = 1
+    # contiguous: a sum()'s gradient is a stride-0 expansion, which would be a signature of its own
+    grad_taps = grad_out.to(dtype).reshape(n, 1, 1, 1, 1, groups, -1).contiguous()  # (N, M, M', U, V, G, Tg)
     w_flat = weight.to(dtype).reshape(groups, 1, 1, -1, taps)  # (G, U, V, Tg, Cg * kh * kw)
     x_flat = x.to(dtype).reshape(n, 1, 1, groups, taps)  # (c, i, j) in the weight's order
     options = {"exact": grad_mode == "exact", "compute_dtype": dtype}

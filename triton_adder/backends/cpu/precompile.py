@@ -5,9 +5,10 @@ and compiles each before it can go on: ResNet-50's first step at batch 2 waits f
 compilations in a row (`results/benchmarks/cold_start.txt`), using one core. `precompile` instead
 
 1. runs one forward and backward of a deep copy of the model (the caller's model, its buffers and
-   gradients are untouched) with the reductions replaced by zeros of their outputs' shapes, which
-   costs the layout copies only, and records each reduction's exact call signature that the code
-   index (`code_index`) does not hold yet;
+   gradients, the example input and the random stream are untouched; forward hooks are copied with
+   the model and run, on zeros) with the reductions replaced by zeros of their outputs' shapes,
+   which costs the layout copies only, and records each reduction's exact call signature that the
+   code index (`code_index`) does not hold yet;
 2. compiles those signatures in `workers` processes at once; each writes the code index, exactly
    as a first call would;
 
@@ -69,13 +70,15 @@ class PrecompileReport:
 
 def collect(model: torch.nn.Module, example_input: torch.Tensor) -> list[Reduction]:
     """The reductions one forward + backward of `model` on `example_input` needs that the index lacks."""
-    probe = copy.deepcopy(model).train(model.training)
-    with common.recording() as seen:
-        out = probe(example_input)
-        outputs = out if isinstance(out, (list, tuple)) else (out,)
-        loss = sum(o.float().sum() for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad)
-        if isinstance(loss, torch.Tensor):
-            loss.backward()
+    probe = copy.deepcopy(model)  # keeps each submodule's mode; the caller's buffers and grads stay as they are
+    # fork_rng: dropout's draws in the dry step do not move the caller's random stream
+    with torch.random.fork_rng(devices=[]), common.recording() as seen:
+        # a leaf of its own: an input that needs a gradient gets one here, not in the caller's tensor
+        out = probe(example_input.detach().requires_grad_(example_input.requires_grad))
+        outputs = [o for o in (out if isinstance(out, (list, tuple)) else (out,))
+                   if isinstance(o, torch.Tensor) and o.requires_grad]  # fmt: skip
+        if outputs:  # dense gradients, as a real loss gives (sum()'s are stride-0 expansions)
+            torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
     wanted = {}
     for fn, options, signature in seen:
         reduction = Reduction(fn.__module__, fn.__name__, tuple(sorted(options.items())), signature)
