@@ -154,3 +154,34 @@ def test_screen_compiles_each_kernel_tile_once_whatever_its_method_and_split(mon
     assert all(v.ok and v.score == 6.0 for v in verdicts)
     spilling = screen({**tile, "block_k": 8, "method": "triton", "split_k": 1})
     assert not spilling.ok and spilling.reason == "spills" and len(compiled) == 2
+
+
+def test_screen_compiles_a_tile_once_when_its_variants_arrive_at_the_same_time(monkeypatch):
+    # The pruner screens on threads: variants of one tile asked for at once wait for one compile.
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    compiled, gate = [], threading.Barrier(6, timeout=10)
+
+    def slow_compile(op, x_meta, weight_meta, geom, config, *, grad_mode, arch, timeout_s):
+        compiled.append(config)
+        time.sleep(0.3)  # the other five threads ask while this one compiles
+        return sass.CompileStats(op, arch, "fake", 128, 0, 0, 0, 0, 1.0, 2.5, "loop")
+
+    monkeypatch.setattr(tunables.sass, "compile_stats_isolated", slow_compile)
+    problem = lenet_conv2_problem()
+    x, weight = torch.empty(problem.shape.x_shape), torch.empty(problem.shape.weight_shape)
+    screen = tunables.compile_screen("grad_weight", x, weight, problem.geom, "paper", 90)
+    tile = {"block_m": 16, "block_n": 16, "block_k": 4, "num_warps": 1, "num_stages": 1}
+    variants = [{**tile, "method": method, "split_k": split} for method in ("triton", "conv_identity")
+                for split in (1, 2, 8)]  # fmt: skip
+
+    def ask(config):
+        gate.wait()
+        return screen(config)
+
+    with ThreadPoolExecutor(len(variants)) as pool:
+        verdicts = list(pool.map(ask, variants))
+    assert compiled == [KernelConfig(16, 16, 4, 1, 1)]
+    assert all(v.ok and v.score == 2.5 for v in verdicts)

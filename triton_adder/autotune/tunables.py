@@ -9,10 +9,11 @@ config's (`outputs_match`).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 
@@ -84,7 +85,6 @@ def compile_screen(op: str, x, weight, geom, grad_mode: str, arch: int) -> Calla
     x_meta, weight_meta = torch.empty_like(x, device="meta"), torch.empty_like(weight, device="meta")
     shared_limit = SHARED_MEMORY_LIMITS[arch]
 
-    @functools.cache
     def kernel_verdict(kernel: KernelConfig) -> ScreenResult:
         try:
             stats = sass.compile_stats_isolated(op, x_meta, weight_meta, geom, kernel, grad_mode=grad_mode,
@@ -97,10 +97,25 @@ def compile_screen(op: str, x, weight, geom, grad_mode: str, arch: int) -> Calla
             return ScreenResult(False, f"shared memory > {shared_limit // 1024} KiB", stats.instructions_per_element)
         return ScreenResult(True, "", stats.instructions_per_element)
 
+    verdicts: dict[KernelConfig, Future] = {}
+    lock = threading.Lock()
+
     def screen(config: dict) -> ScreenResult:
         # By the kernel's knobs only: a weight gradient's split is a run-time argument and its method
-        # does not change the kernel, so the 2 x 8 method/split variants of one tile compile once.
-        return kernel_verdict(kernel_config_of(config))
+        # does not change the kernel, so the 2 x 8 method/split variants of one tile compile once,
+        # also when the pruner's threads ask for several of them at the same time (they wait for it).
+        kernel = kernel_config_of(config)
+        with lock:
+            verdict = verdicts.get(kernel)
+            first = verdict is None
+            if first:
+                verdict = verdicts[kernel] = Future()
+        if first:
+            try:
+                verdict.set_result(kernel_verdict(kernel))
+            except BaseException as error:  # the waiting threads see it too (prune drops the config)
+                verdict.set_exception(error)
+        return verdict.result()
 
     return screen
 
