@@ -65,8 +65,9 @@ SHARED_MEMORY_LIMITS = {80: 163 * 1024, 90: SHARED_MEMORY_BYTES}
 INSTRUCTION_BUDGET_FACTOR = 1.5
 DEFAULT_SCREEN_ARCH = 90
 SCREEN_COMPILE_TIMEOUT_S = 120.0
-"""A screened config whose compile runs longer is dropped: compiles took 4-60 s on a 2-core box, and one
-tile (256x32x32 on 2 warps, 128 accumulators per thread) was still compiling after 14 minutes."""
+"""A screened config whose compile runs longer is dropped. Most compiles of the sampled ResNet-50 problem
+finish within it on a 2-core box (`results/benchmarks/prune_space.txt` counts those that did not); large
+unrolled tiles (256x32x32 on 2 warps, 128 accumulators per thread) can compile for many minutes."""
 
 
 def compile_screen(op: str, x, weight, geom, grad_mode: str, arch: int) -> Callable[[dict], ScreenResult]:

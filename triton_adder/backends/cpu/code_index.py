@@ -58,7 +58,7 @@ def _check_isas_at_once(cpu_vec_isa) -> None:
     """Run inductor's per-ISA build checks in parallel threads before `pick_vec_isa` runs them in turn.
 
     With an empty cache, `pick_vec_isa` builds a probe library per candidate ISA with g++, one after
-    another: 8.6 s of a cold first step on a 2-core box. The checks are independent (each its own
+    another, before the first compilation of a process can start. The checks are independent (each its own
     file lock and g++ process) and cached per ISA, so checking them at once leaves the same answer
     in that cache. Only on x86, where there are several candidates; a change in these inductor
     internals only loses the speed-up.

@@ -40,8 +40,8 @@ from triton_adder.backends.cpu import code_index, common
 from triton_adder.child_process import child_env
 
 DEFAULT_MAX_WORKERS = 8
-"""Default cap on worker processes: each holds its own torch and inductor (455 MB resident after one
-compilation, measured on a 2-core box), so one per core of a large machine would cost tens of GB."""
+"""Default cap on worker processes: each holds its own torch and inductor in memory, so one per core
+of a large machine would multiply that by the core count."""
 
 
 @dataclasses.dataclass(frozen=True)
