@@ -3,9 +3,12 @@
 # the model report, and the SASS mix under the GPU machine's Triton -- in about 8 minutes, each step
 # under its own `timeout` so one hang cannot eat the lease, everything written to $OUT.
 #
-# Through the device tool (one call; nothing to carry: the machine's python3 has torch 2.11, Triton
-# 3.6, pytest, pytest-xdist, pytest-timeout, pandas, matplotlib; the package runs from the checkout
-# through PYTHONPATH, so no pip install -- an offline `pip install -e .` would try to fetch setuptools):
+# Through the device tool (one call; nothing to carry). The machine's python3 (the image 'cuda', as
+# the device tool's KINDS.md lists it: torch 2.11, Triton 3.6) has, of what this script and the
+# package use, only these distributions and what they require; tests/gpu_image.py builds a venv of
+# exactly this list for CI, so a module that needs anything else fails there first:
+# IMAGE_PACKAGES: torch triton pytest pytest-xdist pytest-timeout pandas matplotlib tqdm filelock setuptools
+# Nothing can be installed there, so the package runs from the checkout through PYTHONPATH.
 #
 #     run(command="bash benchmarks/gpu_run.sh", timeout_s=570)
 #

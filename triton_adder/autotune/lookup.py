@@ -30,7 +30,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
 import torch
 
 from triton_adder.contract import GRAD_MODES, GRAD_WEIGHT_METHODS, layout_name
@@ -81,12 +80,13 @@ _identities: dict[torch.device, DeviceIdentity] = {}
 
 
 def cache_dir() -> Path:
-    """The user's tuning cache directory: $TRITON_ADDER_CACHE_DIR, else the platform's user cache
-    directory for "triton-adder" (``$XDG_CACHE_HOME/triton-adder`` or ``~/.cache/triton-adder`` on Linux)."""
+    """The user's tuning cache directory: $TRITON_ADDER_CACHE_DIR, else ``$XDG_CACHE_HOME/triton-adder``,
+    else ``~/.cache/triton-adder`` on every platform, as torch.hub and Triton place their caches
+    (no platformdirs: the GPU machines' image lacks it and nothing can be installed there)."""
     override = os.environ.get(CACHE_DIR_ENV)
     if override:
         return Path(override).expanduser()
-    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / APP_NAME
 
 
 def kernel_hash(op: str) -> str:

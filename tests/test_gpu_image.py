@@ -1,0 +1,74 @@
+"""The package runs from a plain checkout with only the GPU machines' image's packages.
+
+`tests/gpu_image.py` builds a venv holding exactly gpu_run.sh's IMAGE_PACKAGES (and what they
+require), without the project; every module of the library, the generic tuner and the report
+renderer must import there with PYTHONPATH at this checkout, and every benchmark script the GPU
+run calls must start. (At 4be0d16 this failed: platformdirs missing, `triton_adder.tuning` and
+`triton_adder.reports` existing only after `pip install`.)
+"""
+
+import os
+import subprocess
+import textwrap
+
+import pytest
+
+from tests import gpu_image
+
+REPO = gpu_image.REPO
+
+
+@pytest.fixture(scope="module")
+def image_python(tmp_path_factory):
+    python, _missing = gpu_image.make_venv(tmp_path_factory.mktemp("gpu-image") / "venv")
+    return python
+
+
+def image_env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update({"PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", **extra})
+    return env
+
+
+def test_the_image_venv_lacks_the_project_and_what_the_image_lacks(image_python, tmp_path):
+    probe = "import importlib.util as u; print([n for n in ('triton_adder', 'platformdirs', 'scipy', 'mlxtend') if u.find_spec(n)])"
+    result = subprocess.run([str(image_python), "-c", probe], cwd=tmp_path, env=image_env(PYTHONPATH=""),
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    assert result.stdout.strip() == "[]"
+
+
+def test_every_module_imports_from_the_checkout(image_python, tmp_path):
+    script = textwrap.dedent("""
+        import importlib, pkgutil, sys
+        import triton_adder, triton_adder.tuning, triton_adder.reports
+        names = []
+        for package in (triton_adder, triton_adder.tuning, triton_adder.reports):
+            names += [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+        failed = []
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception as error:
+                failed.append(f"{name}: {error!r}")
+        assert triton_adder.tuning.__file__.startswith(sys.argv[1]), triton_adder.tuning.__file__
+        print(len(names), "modules")
+        sys.exit("\\n".join(failed) or None)
+    """)
+    result = subprocess.run([str(image_python), "-c", script, str(REPO / "tuning")], cwd=tmp_path, env=image_env(),
+                            capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert int(result.stdout.split()[0]) > 50
+
+
+@pytest.mark.parametrize("script", ["kernel_vs_cudnn.py", "sass_screen.py"])
+def test_gpu_run_scripts_start(image_python, tmp_path, script):
+    result = subprocess.run([str(image_python), str(REPO / "benchmarks" / script), "--help"], cwd=tmp_path,
+                            env=image_env(), capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("module", ["triton_adder.tune", "triton_adder.bench"])
+def test_gpu_run_clis_start(image_python, tmp_path, module):
+    result = subprocess.run([str(image_python), "-m", module, "--help"], cwd=tmp_path, env=image_env(),
+                            capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
