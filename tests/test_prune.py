@@ -1,14 +1,32 @@
-"""Compile-time pruning (tuning/prune.py) with fake screens, its hook in search(), and the adder screen."""
+"""Compile-time pruning (tuning/prune.py) with fake screens, its hook in search() (budget, ranking, failures),
+shipped verdicts (tuning/verdicts.py), and the adder screen."""
 
 from __future__ import annotations
 
 import os
 import re
 import threading
+import time
 
 import pytest
 
-from triton_adder.tuning import Measurement, ScreenResult, SearchSpace, Tunable, config_key, prune, search
+from triton_adder.tuning import (
+    Measurement,
+    ScreenFailed,
+    ScreenIdentity,
+    ScreenOutOfTime,
+    ScreenResult,
+    SearchSpace,
+    Tunable,
+    config_key,
+    load_verdicts,
+    prune,
+    screen_time_left,
+    search,
+    verdict_entries,
+    verdict_filename,
+    write_verdicts,
+)
 
 SPACE = SearchSpace.from_dict({"block_m": (16, 32, 64, 128), "num_warps": (2, 4)})
 DEFAULT = {"block_m": 32, "num_warps": 4}
@@ -216,3 +234,321 @@ def test_tune_screens_inside_the_interpreter_run_only_when_asked(cache_dir, monk
     assert all(kernel_config_of(row.config) not in compiled for row in rows)
     dropped = [note for row in rows for note in row.notes if note.startswith("screen dropped")]
     assert len(dropped) == len(rows) and all(re.fullmatch(r"screen dropped (\d+) of \1", note) for note in dropped)
+
+
+# --- the screen inside the search: budget, global relative limit, ranking, failures -----------------
+
+WIDE = SearchSpace.from_dict({"block_m": (16, 32, 64, 128, 256, 512, 1024), "num_warps": (1, 2, 4, 8)})
+WIDE_DEFAULT = {"block_m": 32, "num_warps": 2}
+
+
+class ScoreBenchmarker:
+    """Times the config last run at cost(config): a fake GPU whose time follows a known function."""
+
+    functional = True
+
+    def __init__(self, state, cost):
+        self.state, self.cost = state, cost
+
+    def measure(self, fn):
+        fn()
+        value = self.cost(self.state["last"])
+        return Measurement(value, (value,), functional=True)
+
+
+def scored_tunable(space, default, screen, cost, relative_limit=None, runs=None, **fields):
+    state = {"last": None}
+
+    def run(config):
+        state["last"] = config
+        if runs is not None:
+            runs.append(config_key(config))
+        return 1
+
+    t = Tunable("fake", space, {"n": 1}, run, dict(default), screen=screen, screen_relative_limit=relative_limit,
+                **fields)  # fmt: skip
+    return t, ScoreBenchmarker(state, cost)
+
+
+def test_screening_is_charged_to_the_budget():
+    """A screen that takes 0.25 s per config, one worker, 0.5 s budget: the coarse grid alone (12 configs)
+    would take 3 s to screen; charged to the budget, the search stops screening at its deadlines and the
+    problem takes about the budget (plus one screen call in flight), the default and verification included."""
+    seen_left = []
+
+    def slow_screen(config):
+        seen_left.append(screen_time_left())
+        time.sleep(0.25)
+        return ScreenResult(True, "", float(config["block_m"]))
+
+    t, bench = scored_tunable(WIDE, WIDE_DEFAULT, slow_screen, lambda c: 1.0)
+    started = time.perf_counter()
+    result = search(t, bench, budget_s=0.5, screen_workers=1)
+    wall = time.perf_counter() - started
+    assert wall < 1.5 and result.elapsed_s <= wall
+    assert result.budget_exhausted and result.best is not None and result.default_time_s is not None
+    assert 0 < result.screened < len(list(WIDE.coarse())) and result.unscreened > 0
+    assert result.screen_s <= result.elapsed_s
+    # the screen is told how long it has: never more than the budget
+    assert seen_left and all(left is not None and left <= 0.5 for left in seen_left)
+
+
+def test_a_slow_screen_leaves_time_to_time_what_known_verdicts_kept():
+    """One known-good verdict (as shipped ones arrive, in the screen cache) and a screen that needs 0.4 s a
+    config: a batch screens for at most half the time left in its phase, so the known config is still timed
+    in the coarse pass instead of the screen eating the pass's whole share."""
+
+    def slow_screen(config):
+        left = screen_time_left()
+        time.sleep(min(0.4, left))
+        if left < 0.4:
+            raise ScreenOutOfTime("cut at the deadline")
+        return ScreenResult(True, "", 2.0)
+
+    runs = []
+    t, bench = scored_tunable(WIDE, WIDE_DEFAULT, slow_screen, lambda c: 1.0, runs=runs)
+    known = {"block_m": 256, "num_warps": 4}
+    t.screen_cache[config_key(known)] = ScreenResult(True, "", 1.0)
+    result = search(t, bench, budget_s=1.0, screen_workers=1)
+    assert [e.config for e in result.evaluations if e.phase == "coarse"] == [known]
+    with pytest.raises(ValueError, match="screen_share"):
+        search(t, bench, screen_share=0)
+
+
+def test_a_screen_deadline_leaves_configs_unscreened_and_uncached():
+    calls = []
+
+    def screen(config):
+        calls.append(config_key(config))
+        if screen_time_left() is not None:
+            raise ScreenOutOfTime("a compile cut at the deadline")
+        return ScreenResult(True, "", 1.0)
+
+    t = tunable(screen)
+    past = prune(t, list(SPACE), max_workers=2, deadline=time.perf_counter() - 1)
+    assert not calls and len(past.unscreened) == len(SPACE) and not past.kept and not past.dropped
+    cut = prune(t, list(SPACE)[:2], max_workers=2, deadline=time.perf_counter() + 60)
+    assert len(calls) == 2 and len(cut.unscreened) == 2 and not t.screen_cache
+    again = prune(t, list(SPACE)[:2], max_workers=2)  # no deadline: screened (not remembered as cut)
+    assert len(again.kept) == 2 and len(t.screen_cache) == 2
+
+
+AB = SearchSpace.from_dict({"a": (0, 1, 2, 3, 4), "b": (0, 1)})  # coarse grid: a in (0, 2, 4), b in (0, 1)
+AB_DEFAULT = {"a": 0, "b": 0}
+
+
+def ab_screen(scores, calls=None):
+    def screen(config):
+        if calls is not None:
+            calls.append(config_key(config))
+        return ScreenResult(True, "", scores[(config["a"], config["b"])])
+
+    return screen
+
+
+def test_relative_limit_applies_against_the_best_score_of_the_whole_search():
+    """The coarse batch holds the best score (1.0); refinement's neighbours (odd a) all score 10, within
+    1.5x of each other but 10x the best: none of them is timed."""
+    scores = {(a, b): (10.0 if a % 2 else 1.0 + 0.1 * a + 0.1 * b) for a in range(5) for b in range(2)}
+    runs = []
+    t, bench = scored_tunable(AB, AB_DEFAULT, ab_screen(scores), lambda c: 1.0 + abs(c["a"] - 3) + c["b"],
+                              relative_limit=1.5, runs=runs)  # fmt: skip
+    result = search(t, bench, budget_s=30)
+    assert not [key for key in runs if dict(key)["a"] % 2], "a config scoring 10x the best was timed"
+    dropped = {config_key(c): reason for c, reason in result.screen_dropped}
+    assert dropped[config_key({"a": 3, "b": 0})] == "score > 1.5x the best screened config's"
+
+
+def test_a_config_kept_earlier_is_not_timed_once_a_better_score_puts_it_beyond_the_limit():
+    """Coarse pass: (2, 0) scores 1.0 and (2, 1) 1.2, both kept; top_n=1 times (2, 0) only. Refinement then
+    screens (1, 0) at 0.5: the limit falls to 0.75, so (2, 1), a neighbour of both, is never timed."""
+    scores = {(a, b): 1.3 + 0.01 * a for a in range(5) for b in range(2)}
+    scores.update({(2, 0): 1.0, (2, 1): 1.2, (1, 0): 0.5, (3, 0): 0.6, (1, 1): 0.55, (3, 1): 0.65})
+    runs = []
+    t, bench = scored_tunable(AB, AB_DEFAULT, ab_screen(scores), lambda c: scores[(c["a"], c["b"])] + 1.0,
+                              relative_limit=1.5, runs=runs)  # fmt: skip
+    result = search(t, bench, budget_s=30, screen_top_n=1)
+    assert config_key({"a": 1, "b": 0}) in runs  # refinement got there
+    assert config_key({"a": 2, "b": 1}) not in runs
+    assert (({"a": 2, "b": 1}, "score > 1.5x the best screened config's")) in result.screen_dropped
+    assert result.best == {"a": 1, "b": 0}
+
+
+def test_the_coarse_pass_times_the_best_ranked_configs_first():
+    runs = []
+
+    def screen(config):  # larger tiles rank better; every config kept
+        return ScreenResult(True, "", 1.0 / config["block_m"] + 1e-5 * config["num_warps"])
+
+    t, bench = scored_tunable(WIDE, WIDE_DEFAULT, screen, lambda c: 1.0, runs=runs)
+    result = search(t, bench, budget_s=30)
+    coarse = [e.config for e in result.evaluations if e.phase == "coarse"]
+    assert len(coarse) > 3 and coarse == sorted(coarse, key=lambda c: screen(c).score)
+    # top_n: only the N best-ranked are timed in the coarse pass (refinement may still reach others)
+    t, bench = scored_tunable(WIDE, WIDE_DEFAULT, screen, lambda c: 1.0)
+    result = search(t, bench, budget_s=30, screen_top_n=3)
+    coarse = [e.config for e in result.evaluations if e.phase == "coarse"]
+    assert coarse == [{"block_m": 1024, "num_warps": 1}, {"block_m": 1024, "num_warps": 4},
+                      {"block_m": 1024, "num_warps": 8}]  # fmt: skip
+    with pytest.raises(ValueError, match="screen_top_n"):
+        search(t, bench, screen_top_n=0)
+
+
+def test_without_a_screen_the_coarse_pass_keeps_its_seeded_spread_out_order():
+    import random
+
+    t, bench = scored_tunable(WIDE, WIDE_DEFAULT, None, lambda c: 1.0)
+    result = search(t, bench, budget_s=30, seed=3)
+    expected = [c for c in WIDE.coarse() if config_key(c) != config_key(WIDE_DEFAULT)]
+    random.Random(3).shuffle(expected)
+    assert [e.config for e in result.evaluations if e.phase == "coarse"] == expected
+
+
+def test_a_screen_that_only_raises_fails_the_search_loudly():
+    def broken(config):
+        raise RuntimeError("cuobjdump: not found")
+
+    runs = []
+    with pytest.raises(ScreenFailed, match="cuobjdump: not found") as caught:
+        search(tunable(broken, runs=runs), CountingBenchmarker(), budget_s=30)
+    error = caught.value
+    assert error.name == "fake" and error.problem == {"n": 1} and "raised for each of the" in str(error)
+    assert error.first_error.startswith("screen raised RuntimeError") and set(runs) == {config_key(DEFAULT)}
+    assert error.result.runs == 1 and error.result.default_time_s is not None
+    # errors among verdicts (fake_compiler raises for one config only), or verdicts only: no failure
+    search(tunable(fake_compiler()), CountingBenchmarker(), budget_s=30)
+
+
+# --- shipped verdicts ---------------------------------------------------------------------------
+
+IDENTITY = ScreenIdentity("3.6.0", "sm90", "hashA", {"n": 1, "dtype": "float32"})
+FORCED = {"block_m": 64, "num_warps": 4}  # the fake compiler keeps it; the shipped verdict says it spills
+
+
+def shipped(tmp_path):
+    """A verdict file for IDENTITY holding every coarse config of SPACE, FORCED marked as spilling."""
+    verdicts = [(c, ScreenResult(False, "spills (shipped)") if c == FORCED else fake_compiler()(c))
+                for c in SPACE.coarse() if not (c["block_m"] == 16 and c["num_warps"] == 2)]  # fmt: skip
+    path = tmp_path / verdict_filename(IDENTITY.triton_version, IDENTITY.target)
+    write_verdicts(path, IDENTITY.triton_version, IDENTITY.target, verdict_entries(IDENTITY, "fake", verdicts))
+    return verdicts
+
+
+@pytest.mark.parametrize("identity", [
+    IDENTITY,
+    ScreenIdentity("3.5.0", "sm90", "hashA", IDENTITY.problem),
+    ScreenIdentity("3.6.0", "sm80", "hashA", IDENTITY.problem),
+    ScreenIdentity("3.6.0", "sm90", "hashB", IDENTITY.problem),
+    ScreenIdentity("3.6.0", "sm90", "hashA", {**IDENTITY.problem, "dtype": "float16"}),
+], ids=["match", "other-triton", "other-arch", "other-kernel-hash", "other-problem"])  # fmt: skip
+def test_shipped_verdicts_are_used_only_for_their_triton_arch_kernel_and_problem(tmp_path, identity):
+    in_file = shipped(tmp_path)
+    calls, runs = [], []
+    t = tunable(fake_compiler(calls), runs=runs)
+    t.screen_identity = identity
+    result = search(t, CountingBenchmarker(), budget_s=30, verdict_dirs=[tmp_path])
+    from_file = {config_key(c) for c, _ in in_file}
+    if identity == IDENTITY:
+        assert result.shipped_verdicts == len(in_file)
+        assert not from_file & set(calls), "a config with a shipped verdict was screened again"
+        assert config_key(FORCED) not in runs and (FORCED, "spills (shipped)") in result.screen_dropped
+    else:
+        assert result.shipped_verdicts == 0
+        assert from_file & set(calls)
+        assert (FORCED, "spills (shipped)") not in result.screen_dropped and config_key(FORCED) in runs
+
+
+def test_a_verdict_file_round_trips_and_refuses_another_identity(tmp_path):
+    verdicts = shipped(tmp_path)
+    path = tmp_path / verdict_filename("3.6.0", "sm90")
+    assert path.name == "sm90__triton-3.6.0.json"
+    loaded = load_verdicts([tmp_path], IDENTITY, "fake")
+    assert loaded == {config_key(c): ScreenResult(v.ok, v.reason, v.score) for c, v in verdicts}
+    assert load_verdicts([tmp_path], IDENTITY, "other op") == {}
+    # merging keeps the old entries; a raised verdict is not an entry
+    extra = [({"block_m": 32, "num_warps": 2}, ScreenResult(True, "", 0.5)),
+             ({"block_m": 16, "num_warps": 2}, ScreenResult(False, "screen raised X", raised=True))]  # fmt: skip
+    assert write_verdicts(path, "3.6.0", "sm90", verdict_entries(IDENTITY, "fake", extra)) == len(verdicts) + 1
+    with pytest.raises(ValueError, match="not sm80"):
+        write_verdicts(path, "3.6.0", "sm80", [])
+    path.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="unreadable screen verdict file"):
+        assert load_verdicts([tmp_path], IDENTITY, "fake") == {}
+
+
+def test_the_adder_screen_compiles_within_the_time_left_and_forgets_a_cut_compile(monkeypatch):
+    from triton_adder.autotune import tunables
+    from triton_adder.measure import sass
+
+    timeouts = []
+
+    def fake_isolated_compile(op, x, weight, geom, config, *, grad_mode, arch, timeout_s):
+        timeouts.append(timeout_s)
+        if timeout_s < tunables.SCREEN_COMPILE_TIMEOUT_S:  # this compile needs longer than the budget left
+            raise TimeoutError(f"took over {timeout_s:g} s")
+        return sass.CompileStats(op, arch, "fake", 128, 0, 0, 0, 0, 2.0, 2.5, "loop")
+
+    monkeypatch.setattr(sass, "compile_stats_isolated", fake_isolated_compile)
+    screen = tunables.compile_screen("forward", *_small_forward_layer(), "paper", 90)
+    config = {"block_m": 32, "block_n": 16, "block_k": 8, "num_warps": 2, "num_stages": 1}
+    t = Tunable("forward", SearchSpace.from_dict({k: (v,) for k, v in config.items()}), {}, lambda c: 1, config,
+                screen=screen)  # fmt: skip
+    cut = prune(t, [config], deadline=time.perf_counter() + 5)
+    assert len(timeouts) == 1 and 0 < timeouts[0] <= 5
+    assert cut.unscreened == [config] and not cut.dropped and not t.screen_cache  # not a "compile over" verdict
+    later = prune(t, [config])  # no deadline: the full per-compile timeout, and a verdict
+    assert timeouts[1] == tunables.SCREEN_COMPILE_TIMEOUT_S and later.kept[0][1].score == 2.5
+
+
+def _load_prune_space():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "prune_space.py"
+    spec = importlib.util.spec_from_file_location("prune_space_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prune_space_writes_verdicts_that_the_tuner_takes_instead_of_compiling(tmp_path, monkeypatch, capsys):
+    """benchmarks/prune_space.py --write-verdicts (fake compiler) -> a verdict file that a search of the same
+    (Triton, sm_90, kernel hash, problem) loads: no config in it is compiled again; another arch's search
+    loads nothing."""
+    import torch
+
+    from triton_adder import models
+    from triton_adder.autotune import problems, tunables
+    from triton_adder.measure import sass
+
+    _skip_without_cuobjdump()
+    compiled = []
+
+    def fake_isolated_compile(op, x, weight, geom, config, *, grad_mode, arch, timeout_s):
+        compiled.append((op, config))
+        spill = 64 if config.block_m == 128 else 0
+        return sass.CompileStats(op, arch, "fake", 128, spill, 0, 0, 0, 2.0, 2.0 + config.block_n / 256, "loop")
+
+    monkeypatch.setattr(sass, "compile_stats_isolated", fake_isolated_compile)
+    path = tmp_path / f"sm90__triton-{sass.triton_version()}.json"
+    prune_space = _load_prune_space()
+    assert prune_space.main(["--model", "lenet5bn", "--layers", "conv3", "--ops", "forward", "grad_weight",
+                             "--space", "coarse", "--workers", "2", "--write-verdicts", str(path)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "verdicts in" in out and "pruned" in out and path.exists()
+    written = {op: {kernel for o, kernel in compiled if o == op} for op in ("forward", "grad_weight")}
+    assert all(written.values())
+
+    problem = next(p for p in problems.collect_problems(models.build("lenet5bn", adder=True), (256, 1, 28, 28))
+                   if "conv3" in p.layers)  # fmt: skip
+    for op in ("forward", "grad_weight"):
+        tunable = tunables.make_tunable(op, problem, torch.float32, torch.device("cpu"), False, False, screen_arch=90)
+        tunable.run, tunable.outputs_match = (lambda config: 1), None  # no kernel runs: only the screen matters
+        compiled.clear()
+        result = search(tunable, CountingBenchmarker(), budget_s=10, verdict_dirs=[tmp_path])
+        assert result.shipped_verdicts == len(written[op])
+        assert not {kernel for _, kernel in compiled} & written[op], "a shipped verdict was compiled again"
+        assert any(reason == "spills" for _, reason in result.screen_dropped)
+        other = tunables.make_tunable(op, problem, torch.float32, torch.device("cpu"), False, False, screen_arch=80)
+        other.run, other.outputs_match = (lambda config: 1), None
+        assert search(other, CountingBenchmarker(), budget_s=1, verdict_dirs=[tmp_path]).shipped_verdicts == 0

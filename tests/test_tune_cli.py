@@ -326,3 +326,66 @@ def test_problem_key_is_the_layer_shape():
         "stride": [2, 2], "padding": [1, 1], "dilation": [1, 1], "groups": 2, "out_size": list(geom.out_size),
     }
     assert problems.LayerProblem(["layer"], shape).cache_problem() == configs.problem_key(shape)
+
+
+def test_problems_go_by_their_share_of_the_model_work():
+    """N*Cout*Ho*Wo*Cin/g*kh*kw x the layers sharing the problem, largest first; ties keep first-use order."""
+    found = problems.collect_problems(models.build("resnet20", adder=True), (4, 3, 32, 32))
+    ordered = problems.by_work(found)
+    assert sorted(map(id, ordered)) == sorted(map(id, found))
+    work = [p.shape.elements * len(p.layers) for p in ordered]
+    assert work == sorted(work, reverse=True) and [p.work for p in ordered] == work
+    # ResNet-20: stage 1's six 16-channel 3x3 layers, then stages 2 and 3 (five 3x3 layers each, equal work:
+    # first use first), the two stride-2 3x3 layers (equal), the two 1x1 shortcuts (equal)
+    assert [found.index(p) for p in ordered] == [0, 3, 6, 2, 5, 1, 4]
+    shrunk = problems.interpreter_problem(found[1], 4)
+    assert shrunk.work == found[1].work  # a shrunk problem stands for its real one
+
+
+def test_tuner_takes_the_problems_by_work_largest_first(cache_dir, monkeypatch):
+    from triton_adder.tuning import Evaluation, TuningResult
+
+    seen = []
+
+    def fake_make_tunable(op, problem, *args):
+        seen.append((problem.model_shape_text, op))
+        return None
+
+    def fake_search(tunable, benchmarker, **kwargs):
+        return TuningResult("forward", {}, {}, None, None, None, True, [Evaluation({}, "default", "failed", error="x")])
+
+    monkeypatch.setattr(tuner, "make_tunable", fake_make_tunable)
+    monkeypatch.setattr(tuner, "search", fake_search)
+    cache = configs.cache_for(torch.device("cpu"))
+    rows = tuner.tune_model("resnet20", 4, torch.float32, ("forward", "grad_input"), 1, cache, torch.device("cpu"),
+                            quick=True, shrink=True)  # fmt: skip
+    found = problems.by_work(problems.collect_problems(models.build("resnet20", adder=True), (4, 3, 32, 32)))
+    expected = [(p.shape_text, op) for p in found for op in ("forward", "grad_input")]
+    assert seen == expected and [row.model_shape for row in rows] == [shape for shape, _ in expected]
+    assert seen[0][0] == "4x16x32x32->16 3x3 s1 p1" and seen[-1][0] == "4x32x16x16->64 1x1 s2 p0"
+
+
+def test_cli_reports_a_screen_that_only_raises(cache_dir, monkeypatch, capsys):
+    """Every screen compile raises (a broken toolchain): each problem fails with an ERROR line naming it and
+    the first error, the summary repeats them, the exit status is 1, and nothing is cached."""
+    from triton_adder.measure import sass
+
+    try:
+        sass.cuobjdump_path()
+    except RuntimeError as error:
+        pytest.skip(str(error))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("ptxas fatal: broken toolchain")
+
+    monkeypatch.setattr(sass, "compile_stats_isolated", broken)
+    argv = ["--model", "lenet5bn", "--ops", "forward", "--no-report", "--screen-arch", "90", "--cache-dir",
+            str(cache_dir)]  # fmt: skip
+    assert tune.main(argv) == 1
+    out = capsys.readouterr()
+    errors = [line for line in out.err.splitlines() if line.startswith("ERROR")]
+    assert any("forward of conv2" in line and "ptxas fatal: broken toolchain" in line for line in errors), out.err
+    assert any("compile-time screen raised for every config of 3 problem(s)" in line for line in errors)
+    table = [line for line in out.out.splitlines() if " forward " in line]
+    assert len(table) == 3 and all("failed (screen failed: screen raised RuntimeError" in line for line in table)
+    assert not list(cache_dir.glob("*.json"))

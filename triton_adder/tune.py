@@ -4,8 +4,15 @@ Collects the model's unique adder-layer problems (`autotune.problems`: a forward
 device, no memory, no compute), tunes the launch config of each op (forward, input gradient,
 weight-gradient kernel) that the cache does not hold yet (`autotune.tuner`: an interrupted run
 resumes where it stopped), and prints a table (layer, shape, best config, time, speedup over the
-launcher's default config). Search spaces and constraints: `autotune.spaces`; what each op runs
-and the winner-vs-default output check: `autotune.tunables`.
+launcher's default config). Problems are tuned in order of their share of the model's work
+(`problems.by_work`: N*Cout*Ho*Wo*Cin/groups*kh*kw x the layers that share the problem, largest
+first, ties in the model's order), so a run cut short (a GPU lease running out) has tuned what costs
+the most. Search spaces and constraints: `autotune.spaces`; what each op runs, the compile-time
+screen and the winner-vs-default output check: `autotune.tunables`. The budget per problem is wall
+clock and includes the screen's compiles; screening verdicts shipped for the Triton version, GPU
+target and kernel source (`tuning/screens/`) cost none of it. A screen that raises for every
+config of a problem (a broken screen, not a verdict) fails that problem loudly: an ERROR line
+when it happens, another after the table, and exit status 1.
 
 On a machine without a GPU, kernel tuning needs the Triton interpreter, which only the user turns
 on (`TRITON_INTERPRET=1`; it is read when the kernels are defined, and this module never sets it:
@@ -44,7 +51,7 @@ from tqdm import tqdm
 
 from triton_adder.autotune.problems import INTERPRETER_SPATIAL_CAP
 from triton_adder.autotune.spaces import parse_ops
-from triton_adder.autotune.tuner import Row, merge_shards, tune_model
+from triton_adder.autotune.tuner import SCREEN_FAILED_NOTE, Row, merge_shards, tune_model
 from triton_adder.backends import triton_interpreter_enabled
 from triton_adder.contract import DTYPES as ALL_DTYPES
 from triton_adder.contract import GRAD_MODES, KERNEL_DTYPES
@@ -127,6 +134,10 @@ class ProgressBar:
         self.bar.set_postfix_str(label[:60], refresh=False)
         self.bar.update(done - self.bar.n)
 
+    def write(self, message: str) -> None:
+        """A line on stderr that leaves the bar intact (on its own line, the bar redrawn below it)."""
+        tqdm.write(message, file=sys.stderr)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -193,13 +204,28 @@ def write_report(target: Path | None, rows: list[Row], model_name: str, batch_si
     return {**written, "tuning_csv": csv_path, "tuning_json": json_path}
 
 
+def report_screen_failures(rows: Sequence[Row], out=None) -> int:
+    """An ERROR block on `out` (default stderr) for the problems whose compile-time screen raised for every
+    config (`tuning.ScreenFailed`): nothing beyond their default config was tried. Returns how many."""
+    out = sys.stderr if out is None else out
+    failed = [(row, note) for row in rows for note in row.notes if note.startswith(SCREEN_FAILED_NOTE)]
+    if failed:
+        print(f"ERROR: the compile-time screen raised for every config of {len(failed)} problem(s); they were not "
+              "tuned (a broken screen: check cuobjdump and the compile errors below):", file=out)
+        for row, note in failed:
+            print(f"ERROR:   {row.op} {row.layer} ({row.shape}): {note.removeprefix(SCREEN_FAILED_NOTE)}", file=out)
+    return len(failed)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m triton_adder.tune",
         description="Tune the adder kernels' launch configs for every adder layer of a model, then benchmark the "
-                    "model and write the HTML report. Without a GPU: a CPU-path benchmark only, plus (with "
-                    "TRITON_INTERPRET=1) a functional tuning run through the Triton interpreter on shrunk "
-                    "problems (not GPU timings).",
+                    "model and write the HTML report. Problems are tuned in order of their share of the model's "
+                    "work (N*Cout*Ho*Wo*Cin/groups*kh*kw x the layers sharing the problem), largest first, so a "
+                    "run cut short has tuned what costs the most. Without a GPU: a CPU-path benchmark only, "
+                    "plus (with TRITON_INTERPRET=1) a functional tuning run through the Triton interpreter on "
+                    "shrunk problems (not GPU timings).",
     )
     parser.add_argument("--model", required=True, choices=sorted(DEFAULT_GPU_BATCH))
     parser.add_argument("--batch-size", type=int, default=None,
@@ -208,7 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"{CPU_BATCH}); the functional tuning run always uses batch 1")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--ops", default="fwd,bwd", help="comma list of fwd, bwd, forward, grad_input, grad_weight")
-    parser.add_argument("--budget-s", type=float, default=60.0, help="search time per layer problem and op (s)")
+    parser.add_argument("--budget-s", type=float, default=60.0,
+                        help="search wall time per layer problem and op (s), the compile-time screen included "
+                             "(the default config's run and the winner's check always run)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="tuning cache directory (default $TRITON_ADDER_CACHE_DIR or ~/.cache/triton-adder)")
     parser.add_argument("--report", type=Path, nargs="?", const=None, default=None, metavar="PATH",
@@ -282,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             rows = tune_model(args.model, batch, dtype, ops, args.budget_s, cache, device, quick,
                               channels_last=args.channels_last, force=args.force, grad_mode=args.grad_mode,
-                              screen_arch=args.screen_arch, progress=bar, shrink=shrink,
+                              screen_arch=args.screen_arch, progress=bar, log=bar.write, shrink=shrink,
                               shard=(context.rank, context.world_size))
         finally:
             bar.close()
@@ -294,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tune_kernels:
         print_table(rows, functional=not on_gpu)
         print(f"tuning took {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        report_screen_failures(rows)
     if not args.no_report:
         print(f"benchmarking the model for the report ({'GPU' if on_gpu else 'CPU path, real shapes'}, "
               f"batch {batch}) ...", file=sys.stderr)

@@ -129,8 +129,12 @@ class Tunable:
     that check (None: ``candidate == reference``, fine for plain numbers; pass a tolerance-aware
     comparison for tensors). screen(config) -> prune.ScreenResult: an optional compile-time
     pre-filter (`prune.prune`) run before anything is timed; screen_relative_limit: drop configs
-    scoring above this multiple of the best screened score; screen_cache: its verdicts by
-    config_key, in memory (the compiler keeps its own on-disk cache, so a re-screen is cheap).
+    scoring above this multiple of the best score screened in the search; screen_key(config) -> the
+    part of a config the screen's verdict depends on (None: all of it; e.g. without a run-time
+    argument), so configs that share it are screened once; screen_cache: the verdicts by
+    config_key(screen_key(config)), in memory; screen_identity: a `verdicts.ScreenIdentity` (Triton
+    version, target, kernel hash, problem) under which `search` takes shipped verdicts into
+    screen_cache (None: none are loaded).
     """
 
     name: str
@@ -142,7 +146,9 @@ class Tunable:
     outputs_match: Callable[[Any, Any], bool] | None = None
     screen: Callable[[Config], Any] | None = None
     screen_relative_limit: float | None = None
+    screen_key: Callable[[Config], Mapping] | None = None
     screen_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    screen_identity: Any = None
 
     def violations(self, config: Mapping) -> list[str]:
         """Names of the constraints `config` breaks (empty: valid)."""

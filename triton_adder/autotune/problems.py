@@ -2,6 +2,7 @@
 
 A `LayerProblem` is a `geometry.LayerShape` (the one description of a layer call) plus the names
 of the model's layers that make that call and, for a shrunk problem, the real one it stands for.
+`by_work` orders them by their share of the model's work, the order the tuner takes them in.
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ class LayerProblem:
         return text + (f" g{s.geom.groups}" if s.geom.groups != 1 else "")
 
     @property
+    def work(self) -> int:
+        """The problem's share of the model's work: reduced elements of one call (N * Cout * Ho * Wo *
+        Cin/groups * kh * kw, `LayerShape.elements`) x the number of layers that make it; of the real
+        problem for a shrunk one."""
+        real = self.reduced_from or self
+        return real.shape.elements * len(real.layers)
+
+    @property
     def model_shape_text(self) -> str:
         """The shape of the model's own layer (differs from shape_text for a reduced problem)."""
         return (self.reduced_from or self).shape_text
@@ -89,6 +98,12 @@ def collect_problems(model: torch.nn.Module, input_shape: Sequence[int]) -> list
             found[call.shape] = LayerProblem([], call.shape)
         found[call.shape].layers.append(call.module)
     return list(found.values())
+
+
+def by_work(problems: Sequence[LayerProblem]) -> list[LayerProblem]:
+    """`problems` by their share of the model's work (`LayerProblem.work`), largest first; equal work keeps
+    the given (first-use) order. The tuner's order, so a run cut short has tuned what costs the most."""
+    return sorted(problems, key=lambda problem: -problem.work)
 
 
 def channel_divisor(problems: Sequence[LayerProblem], channel_cap: int | None = None) -> int:

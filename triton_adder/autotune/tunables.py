@@ -9,6 +9,8 @@ config's (`outputs_match`).
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
 import os
 import threading
@@ -33,11 +35,12 @@ from triton_adder.autotune.spaces import (
     splits_within,
 )
 from triton_adder.backends import triton as triton_backend
+from triton_adder.contract import layout_name
 from triton_adder.kernels import forward, grad_input, grad_weight
 from triton_adder.kernels.launch_config import KernelConfig, kernel_config_of
 from triton_adder.measure import sass
 from triton_adder.tolerance import tolerances
-from triton_adder.tuning import ScreenResult, SearchSpace, Tunable
+from triton_adder.tuning import ScreenIdentity, ScreenOutOfTime, ScreenResult, SearchSpace, Tunable, screen_time_left
 
 # Miscompile check of a winner against the default config's output (not a precision test: two
 # Triton configs differ only in summation order, a miscompile is off by O(1)), so the library's
@@ -70,6 +73,49 @@ finish within it on a 2-core box (`results/benchmarks/prune_space.txt` counts th
 unrolled tiles (256x32x32 on 2 warps, 128 accumulators per thread) can compile for many minutes."""
 
 
+SCREEN_TOP_N = 8
+"""How many of the best-ranked screened configs the coarse pass times (`search`'s screen_top_n; refinement
+still reaches the others as neighbours). Instructions per element ranks an issue-bound loop only to first
+order (memory behaviour, occupancy and wave quantisation differ between configs within the
+INSTRUCTION_BUDGET_FACTOR band), so the pass times a handful rather than the single best: enough to seed
+the refinement's 3 starting points with room for the ranking's misses, few enough that at the CLI's
+default 60 s per problem (each timed config costs a JIT compile of a second or more plus its runs) the
+pass stays within its half of the budget. At the GPU script's 3 s per problem the budget, not this, is
+what stops the pass."""
+
+SCREEN_RULES_VERSION = 1
+"""Part of the shipped verdicts' kernel hash (`screen_kernel_hash`): bump it when what `compile_screen`
+decides changes without a kernel or launcher source change (its rules, the limits, `measure.sass`'s
+counting), so verdicts computed under the old rules are ignored."""
+
+
+def screen_kernel_hash(op: str) -> str:
+    """The kernel hash of `op`'s screening verdicts (`tuning.ScreenIdentity`): the kernel source, the
+    launcher code that builds its compile-time arguments, and SCREEN_RULES_VERSION."""
+    kernel_hash, launch = {
+        "forward": (forward.KERNEL_SOURCE_HASH, forward.kernel_launch),
+        "grad_input": (grad_input.GRAD_INPUT_KERNEL_HASH, grad_input.grad_input_launch),
+        "grad_weight": (grad_weight.GRAD_WEIGHT_KERNEL_HASH, grad_weight.grad_weight_launch),
+    }[op]
+    digest = hashlib.sha256(f"{kernel_hash} screen rules {SCREEN_RULES_VERSION} ".encode())
+    digest.update(inspect.getsource(launch).encode())
+    return digest.hexdigest()
+
+
+def screen_identity(op: str, problem: dict, x, arch: int) -> ScreenIdentity:
+    """What `op`'s screening verdicts for this problem are valid for: Triton version, sm_<arch>, the
+    kernel hash (`screen_kernel_hash`) and the problem key plus the operands' dtype and memory layout."""
+    dtype = str(x.dtype).removeprefix("torch.")
+    return ScreenIdentity(sass.triton_version(), f"sm{arch}", screen_kernel_hash(op),
+                          {**problem, "dtype": dtype, "layout": layout_name(x)})  # fmt: skip
+
+
+def screen_key(config: dict) -> dict:
+    """The part of a config a screen verdict depends on: the kernel's knobs (a weight gradient's split is a
+    run-time argument and its method does not change the kernel)."""
+    return kernel_config_of(config).as_dict()
+
+
 def compile_screen(op: str, x, weight, geom, grad_mode: str, arch: int) -> Callable[[dict], ScreenResult]:
     """The tuner's compile-time screen of `op`'s configs for sm_<arch> (`measure.sass.compile_stats`).
 
@@ -79,7 +125,9 @@ def compile_screen(op: str, x, weight, geom, grad_mode: str, arch: int) -> Calla
     the ALUs costs more than any tile shape gains) or needs more shared memory than a block gets;
     scores the rest by instructions per reduced element (lower first). Each compile runs in a child
     process killed after `SCREEN_COMPILE_TIMEOUT_S` (the config is then dropped), so no single config
-    can stall a search, and the screen also runs inside an interpreter run.
+    can stall a search, and the screen also runs inside an interpreter run. Within a search's budget
+    (`tuning.screen_time_left`) the compile gets at most the time left; one cut short by that raises
+    `tuning.ScreenOutOfTime` (the config stays unscreened, and a later call compiles it again).
     """
     if arch not in SHARED_MEMORY_LIMITS:
         raise ValueError(f"arch must be one of {tuple(SHARED_MEMORY_LIMITS)}, got {arch!r}")
@@ -87,10 +135,16 @@ def compile_screen(op: str, x, weight, geom, grad_mode: str, arch: int) -> Calla
     shared_limit = SHARED_MEMORY_LIMITS[arch]
 
     def kernel_verdict(kernel: KernelConfig) -> ScreenResult:
+        left = screen_time_left()
+        timeout_s = SCREEN_COMPILE_TIMEOUT_S if left is None else min(SCREEN_COMPILE_TIMEOUT_S, left)
+        if timeout_s <= 0:
+            raise ScreenOutOfTime(f"no time left to compile {kernel}")
         try:
             stats = sass.compile_stats_isolated(op, x_meta, weight_meta, geom, kernel, grad_mode=grad_mode,
-                                                arch=arch, timeout_s=SCREEN_COMPILE_TIMEOUT_S)  # fmt: skip
+                                                arch=arch, timeout_s=timeout_s)  # fmt: skip
         except TimeoutError:
+            if timeout_s < SCREEN_COMPILE_TIMEOUT_S:  # the search's budget, not the config, ran out
+                raise ScreenOutOfTime(f"the budget ran out compiling {kernel}") from None
             return ScreenResult(False, f"compile over {SCREEN_COMPILE_TIMEOUT_S:g} s")
         if stats.spills:
             return ScreenResult(False, "spills", stats.instructions_per_element)
@@ -115,6 +169,9 @@ def compile_screen(op: str, x, weight, geom, grad_mode: str, arch: int) -> Calla
             try:
                 verdict.set_result(kernel_verdict(kernel))
             except BaseException as error:  # the waiting threads see it too (prune drops the config)
+                if isinstance(error, ScreenOutOfTime):  # not a verdict: with more time, compile again
+                    with lock:
+                        verdicts.pop(kernel, None)
                 verdict.set_exception(error)
         return verdict.result()
 
@@ -215,6 +272,7 @@ def make_tunable(
     default = default.as_dict()
     arch = screen_arch_for(device, screen_arch)
     screen = None if arch is None else compile_screen(op, x, weight, geom, grad_mode, arch)
+    key = op_problem(op, problem.cache_problem(), grad_mode)
     values = reduced_space(default, 16 if problem.reduced_from is not None else 32) if quick else FULL_SPACES[op]
     if op == "grad_weight":  # the method always competes; the full search also tries the splits
         split_values = (default["split_k"],) if quick else tuple(sorted({*SPLIT_K_VALUES, default["split_k"]}))
@@ -222,11 +280,13 @@ def make_tunable(
     return Tunable(
         name=op,
         space=SearchSpace.from_dict(values),
-        problem=op_problem(op, problem.cache_problem(), grad_mode),
+        problem=key,
         run=run,
         default=default,
         constraints=constraints(extents, values, element_bytes, extra),
         outputs_match=outputs_match(dtype, reduction),
         screen=screen,
         screen_relative_limit=INSTRUCTION_BUDGET_FACTOR,
+        screen_key=screen_key,
+        screen_identity=None if arch is None else screen_identity(op, key, x, arch),
     )

@@ -1,6 +1,11 @@
 """Tune every (unique layer problem, op) of a model that the cache does not hold yet.
 
-Each winner is stored as soon as it is found, so an interrupted run resumes where it stopped.
+Problems go in order of their share of the model's work (`problems.by_work`: reduced elements of one
+call x the layers that share it, largest first; ties in first-use order), each problem's ops together,
+and each winner is stored as soon as it is found, so an interrupted run (a GPU lease cut short)
+has tuned what matters most and resumes where it stopped.
+A problem whose compile-time screen raises for every config it screens (`tuning.ScreenFailed`) is a
+failed row with the first error, printed to stderr as it happens; the other problems still run.
 Several processes (torchrun ranks) can share the work: `shard=(rank, world_size)` takes every
 world_size-th job, and the cache's file lock merges what each stores (`tuning.cache.TuningCache.store`).
 The search itself is the generic `triton_adder.tuning`; `tunables.make_tunable` describes each
@@ -9,6 +14,7 @@ problem to it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -16,10 +22,13 @@ import torch
 
 from triton_adder import models
 from triton_adder.autotune import lookup
-from triton_adder.autotune.problems import channel_divisor, collect_problems, interpreter_problem
-from triton_adder.autotune.tunables import make_tunable
+from triton_adder.autotune.problems import by_work, channel_divisor, collect_problems, interpreter_problem
+from triton_adder.autotune.tunables import SCREEN_TOP_N, make_tunable
 from triton_adder.models.census import MODEL_INPUT_SIZE
-from triton_adder.tuning import TuningCache, TuningResult, benchmarker_for, search
+from triton_adder.tuning import ScreenFailed, TuningCache, TuningResult, benchmarker_for, search
+
+SCREEN_FAILED_NOTE = "screen failed: "
+"""How a row's note starts when the problem's screen raised for every config (`tuning.ScreenFailed`)."""
 
 Progress = Callable[[int, int, str], None]
 """A progress callback: (steps done, total steps, label of the step starting now)."""
@@ -65,21 +74,26 @@ def tune_model(
     shrink: bool = False,
     shard: tuple[int, int] = (0, 1),
     screen_arch: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> list[Row]:
     """Tune every (unique layer problem, op) of `model_name` not yet in `cache`; return the table rows.
 
     shrink: tune `interpreter_problem`s (batch 1, small spatial size, fewer channels) instead of
     the real problems at `batch_size`: the functional run of a machine without a GPU.
     shard: (rank, world_size); this process takes jobs rank, rank + world_size, ... of the model's
-    job list (the same list in every process) and returns only their rows (`merge_shards` rejoins them).
+    job list (the same list in every process: problems by work, largest first, `problems.by_work`)
+    and returns only their rows (`merge_shards` rejoins them).
     screen_arch: the compile-time screen's target off a GPU (`tunables.screen_arch_for`).
+    log: where an error line goes as it happens (default: stderr; the CLI passes one that keeps its
+    progress bar intact).
     """
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     rank, world_size = shard
     if not 0 <= rank < world_size:
         raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
     size = MODEL_INPUT_SIZE[model_name]
     input_shape = (batch_size, models.MODELS[model_name][2], size, size)
-    problems = collect_problems(models.build(model_name, adder=True), input_shape)
+    problems = by_work(collect_problems(models.build(model_name, adder=True), input_shape))
     if shrink:
         divisor = channel_divisor(problems)
         problems = [interpreter_problem(problem, divisor) for problem in problems]
@@ -105,9 +119,17 @@ def tune_model(
             rows.append(row)
             continue
         tunable = make_tunable(op, problem, dtype, device, channels_last, quick, grad_mode, screen_arch)
-        result: TuningResult = search(tunable, benchmarker, budget_s=budget_s)
+        try:
+            result: TuningResult = search(tunable, benchmarker, budget_s=budget_s, screen_top_n=SCREEN_TOP_N)
+        except ScreenFailed as error:  # a broken screen, not a verdict: say so now, loudly, and go on
+            result = error.result
+            row.status = "failed"
+            row.notes.append(SCREEN_FAILED_NOTE + error.first_error)
+            log(f"ERROR: tuning {op} of {layer} ({problem.shape_text}): {error}")
         row.runs, row.failures = result.runs, len(result.failures)
-        if result.best is None:
+        if row.status == "failed":
+            pass
+        elif result.best is None:
             row.status = "failed"
             row.notes.append(result.evaluations[0].error or "default config failed")
         else:
@@ -120,6 +142,8 @@ def tune_model(
             ])  # fmt: skip
             if result.screen_dropped:
                 row.notes.append(f"screen dropped {len(result.screen_dropped)} of {result.screened}")
+            if result.shipped_verdicts:
+                row.notes.append(f"{result.shipped_verdicts} shipped screen verdicts")
             if result.budget_exhausted:
                 row.notes.append("budget reached")
             if any(e.status == "mismatch" for e in result.evaluations):
