@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one script a session with a GPU runs: correctness on the GPU, adder kernels vs cuDNN, tuning,
-# the model report, and the SASS mix under the GPU machine's Triton -- in about 8 minutes, each step
-# under its own `timeout` so one hang cannot eat the lease, everything written to $OUT.
+# The one script a session with a GPU runs, first, before anything else: correctness on the GPU,
+# adder kernels vs cuDNN, tuning, the model report, and the SASS of the GPU machine's own Triton,
+# each step under its own `timeout` so one hang cannot eat the lease, everything written to $OUT.
 #
 # Through the device tool (one call; nothing to carry). The machine's python3 (the image 'cuda', as
 # the device tool's KINDS.md lists it: torch 2.11, Triton 3.6) has, of what this script and the
@@ -10,60 +10,84 @@
 # IMAGE_PACKAGES: torch triton pytest pytest-xdist pytest-timeout pandas matplotlib tqdm filelock setuptools
 # Nothing can be installed there, so the package runs from the checkout through PYTHONPATH.
 #
-#     run(command="bash benchmarks/gpu_run.sh", timeout_s=570)
+#     run(command="bash benchmarks/gpu_run.sh", timeout_s=560)
 #
-# The steps share a deadline of TOTAL_S seconds (default 500); each step gets at most its own cap and
-# what is left of the deadline, and is skipped when under 15 s remain. With a machine start of 1-2
-# minutes that leaves about 3 minutes of a 15-minute lease: rerun only some steps at once, while the
-# machine is still warm (30 s), e.g. `run(command="TOTAL_S=200 bash benchmarks/gpu_run.sh report",
-# timeout_s=260)`, or give it back. Steps (default: all, in this order; cap in seconds):
+# The plan for a 15-minute lease: a machine start of up to 4 minutes, then this one call of at most
+# 9; the steps share a deadline of TOTAL_S seconds (default 520), each gets at most its own cap and
+# what is left of the deadline, and is skipped when under 15 s remain. Then give the machine back,
+# or rerun only some steps at once while it is warm (30 s), e.g.
+# `run(command="TOTAL_S=200 bash benchmarks/gpu_run.sh report", timeout_s=240)`.
+# Steps (default: all, in this order; cap in seconds) and the question each answers:
 #
-#     info             30  nvidia-smi, torch/Triton/cuDNN/CUDA versions, device properties
-#     kernel_vs_cudnn 170  benchmarks/kernel_vs_cudnn.py: float64 slice checks, then adder vs cuDNN
-#                          on ResNet-50's 3x3 layers at batch 64 (issue 3 and 4 goals); saved per layer
-#     tests           120  pytest tests/test_kernel_forward.py tests/test_kernel_backward.py
-#                          tests/test_functional.py, compiled for the GPU (xdist, per-test timeout)
-#     sass             45  benchmarks/sass_screen.py, the three kernels on ResNet-50's first
-#                          3x3 layer (compile-only: does Triton 3.6 emit the loop Triton 3.9 does?)
-#     tune            110  python -m triton_adder.tune --model resnet50 --ops $TUNE_OPS --budget-s
-#                          $TUNE_BUDGET_S --no-report: a token search (default config and about one
-#                          other per problem) whose cache is saved after every winner, so a timeout
-#                          keeps what was tuned. A real search needs its own lease, e.g.
-#                          `TOTAL_S=540 TUNE_OPS=fwd,bwd TUNE_BUDGET_S=10 bash benchmarks/gpu_run.sh tune`
-#     report          170  the model report (report.html + results.csv/json, batch 64, quick unless
-#                          REPORT_QUICK=0) with the tuned configs: through `triton_adder.tune --report`
-#                          (tuning table included, every problem cached) when the tune step finished,
-#                          else `triton_adder.bench` (tuned rows where cached)
+#     info             20  does the package import on the image? nvidia-smi, torch/Triton/cuDNN/CUDA
+#                          versions, device properties; imports every module the later steps use
+#                          and fails the run (exit 1) when one does not import
+#     tests           130  are the kernels right on a GPU? pytest, compiled for the GPU (xdist,
+#                          per-test timeout): $GPU_TESTS -- forward/backward kernels,
+#                          channels_last and strided inputs, float16/bfloat16, autocast, float64
+#                          on CUDA (the torch backend), the convolution identity
+#     kernel_vs_cudnn 150  how fast against cuDNN? benchmarks/kernel_vs_cudnn.py $KVC_ARGS: float64
+#                          slice checks, then adder vs cuDNN (float32 TF32 off, TF32, float16,
+#                          bfloat16; both gradients) on ResNet-50's 3x3 layers at batch 64, with the
+#                          issue 3/4 goals; saved after every layer
+#     sass             30  does the GPU's Triton (3.6) emit the loop that the committed SASS matrix
+#                          shows? benchmarks/sass_screen.py, the three kernels on ResNet-50's first
+#                          3x3 layer (compile-only)
+#     tune            100  tuned vs default: python -m triton_adder.tune --model $MODEL --ops
+#                          $TUNE_OPS --budget-s $TUNE_BUDGET_S --no-report; problems in order of
+#                          their share of the model's work, the cache saved after every winner, so
+#                          a timeout keeps what was tuned; the table prints the speedup per problem
+#     report           90  the whole model: the report (report.html + results.csv/json, batch
+#                          $TUNE_BATCH, quick unless REPORT_QUICK=0) with the tuned configs, through
+#                          `triton_adder.tune --report` when the tune step finished (its tuning table
+#                          included), else `triton_adder.bench`
 #
-# What comes back in $OUT (at most 8 files, flat) and where to commit it:
-#     gpu_run.log                       everything printed, every step; its summary is printed last
-#     kernel_vs_cudnn_<device>.csv/.json  -> results/benchmarks/
-#     <GPU>__sm90__triton-<v>.json      the tuning cache -> tuning/configs/ (tuning/configs/README.md:
-#                                         same file name; only "functional": false entries belong there)
-#     report.tar.gz                     `tar -xzf report.tar.gz` at the repository root unpacks
-#                                         runs/resnet50-<device>/ (report.html, results.csv/json);
-#                                         move it to results/reports/ to commit it
-# Commit them with the device and versions that gpu_run.log and the JSON metadata name.
+# What comes back in $OUT (flat): gpu_run.log (everything printed; its summary last),
+# kernel_vs_cudnn_<device>.csv/.json, the tuning cache <GPU>__sm90__triton-<v>.json and
+# report.tar.gz (<model>-<device>/report.html, results.csv/json). Commit it all under
+# results/gpu_run/<device>/ (unpack the tarball there), and copy the cache file to tuning/configs/
+# (tuning/configs/README.md: only "functional": false entries belong there), naming the device and
+# versions that gpu_run.log and the JSON metadata give.
 #
-# Environment: OUT (default /tmp/gpu_run_out), TOTAL_S (500), TUNE_BUDGET_S (3), TUNE_OPS (fwd),
-# TUNE_BATCH (64), REPORT_QUICK (1), PYTHON (python3), PYTEST_WORKERS (8).
-# Exit status: 0 when every step that ran succeeded, else 1 (the summary names the failing steps).
-# Without a GPU (a dry run) the info step says so, kernel_vs_cudnn exits cleanly, and the GPU steps
-# are skipped.
+# REHEARSAL=1 (on a machine without a GPU; CI runs it, tests/test_gpu_image.py, in a venv of the
+# image's packages): every step runs, the Triton kernels through the interpreter at tiny shapes
+# (LeNet-5's first 5x5 layer at batch 1 for kernel_vs_cudnn; the tuner's shrunk problems) and the
+# report's baselines on the CPU, so each line the GPU run takes executes before a lease; times are
+# interpreter and CPU wall clock, never GPU figures. Its outputs are committed in
+# results/gpu_run/cpu-rehearsal/.
+#
+# Environment: OUT (default /tmp/gpu_run_out), TOTAL_S (520; 1500 in a rehearsal), MODEL
+# (resnet50; lenet5bn in a rehearsal), TUNE_BUDGET_S (3), TUNE_OPS (fwd), TUNE_BATCH (64; 2),
+# REPORT_QUICK (1), PYTHON (python3), PYTEST_WORKERS (8), KVC_ARGS.
+# Exit status: 0 when every step that ran succeeded and produced its files, else 1 (the summary
+# names the failing steps). Without a GPU and without REHEARSAL (a dry run) info still imports
+# everything, kernel_vs_cudnn exits cleanly, and the GPU steps are skipped.
 
 set -u
 set -o pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REHEARSAL=${REHEARSAL:-0}
 OUT=${OUT:-${TMPDIR:-/tmp}/gpu_run_out}
 PYTHON=${PYTHON:-python3}
-TOTAL_S=${TOTAL_S:-500}
 TUNE_BUDGET_S=${TUNE_BUDGET_S:-3}
 TUNE_OPS=${TUNE_OPS:-fwd}
-TUNE_BATCH=${TUNE_BATCH:-64}
 REPORT_QUICK=${REPORT_QUICK:-1}
 PYTEST_WORKERS=${PYTEST_WORKERS:-8}
-ALL_STEPS="info kernel_vs_cudnn tests sass tune report"
+GPU_TESTS="tests/test_kernel_forward.py tests/test_kernel_backward.py tests/test_functional.py
+    tests/test_backends.py tests/test_amp.py tests/test_conv_identity.py"
+if [[ $REHEARSAL == 1 ]]; then
+    TOTAL_S=${TOTAL_S:-1500}
+    MODEL=${MODEL:-lenet5bn}
+    TUNE_BATCH=${TUNE_BATCH:-2}
+    KVC_ARGS=${KVC_ARGS:---cpu-rehearsal --model lenet5bn --kernel-size 5 --batch 1 --max-layers 1 --quick --check-images 1}
+else
+    TOTAL_S=${TOTAL_S:-520}
+    MODEL=${MODEL:-resnet50}
+    TUNE_BATCH=${TUNE_BATCH:-64}
+    KVC_ARGS=${KVC_ARGS:---model resnet50 --batch 64}
+fi
+ALL_STEPS="info tests kernel_vs_cudnn sass tune report"
 TUNE_COMPLETE=0  # 1 once the tune step finished: every problem of TUNE_OPS is then cached
 LAST_STATUS=
 STEPS=${*:-$ALL_STEPS}
@@ -77,7 +101,8 @@ SUMMARY=()
 FAILED=0
 
 cd "$REPO" || exit 1
-unset TRITON_INTERPRET                      # the interpreter would run the kernels on the CPU
+# The interpreter runs the kernels on the CPU: only the rehearsal's kernel steps ask for it (`interpret`).
+unset TRITON_INTERPRET
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TRITON_ADDER_CACHE_DIR=$WORK/tuning-cache   # fresh: kernel_vs_cudnn sees defaults (+ shipped configs)
@@ -88,6 +113,11 @@ say() { echo "$*" | tee -a "$LOG"; }
 
 has_gpu() { "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; }
 
+# interpret COMMAND...: in a rehearsal, run COMMAND with the Triton interpreter on; else as it is.
+interpret() {
+    if [[ $REHEARSAL == 1 ]]; then TRITON_INTERPRET=1 "$@"; else "$@"; fi
+}
+
 # run_step NAME CAP_SECONDS COMMAND...: run under `timeout` (cap, or what is left of the deadline);
 # COMMAND may be one of the step_* functions below. Output goes to the terminal, the log and, when
 # STEP_CAPTURE names a file, that file too.
@@ -95,6 +125,7 @@ run_step() {
     local name=$1 cap=$2
     shift 2
     local now left limit begin rc status files=("$LOG")
+    ((REHEARSAL == 1)) && cap=$((cap * 5))  # the interpreter on 2 CPU cores is far slower than the GPU
     now=$(date +%s)
     left=$((DEADLINE - now))
     limit=$((cap < left ? cap : left))
@@ -125,6 +156,13 @@ run_step() {
     say "=== $name: $status after $(($(date +%s) - begin)) s"
 }
 
+# fail_after NAME WHY: a step that exited 0 without producing what it must counts as failed.
+fail_after() {
+    FAILED=1
+    SUMMARY+=("$(printf '%-16s %-9s %5s s  (%s)' "$1" FAILED - "$2")")
+    say "=== $1: FAILED: $2"
+}
+
 step_info() {
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi
@@ -135,7 +173,7 @@ step_info() {
     fi
     echo "git: $(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo 'no .git in this copy')"
     "$PYTHON" - <<'EOF'
-import os, platform, sys
+import importlib, os, platform, sys
 import torch
 print("python", platform.python_version(), sys.executable)
 print("torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())
@@ -148,16 +186,29 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"device {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
           f"{p.total_memory / 2**30:.1f} GiB, L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
+elif os.environ.get("REHEARSAL") == "1":
+    print("NO CUDA DEVICE: CPU REHEARSAL (kernels through the Triton interpreter; no GPU figures)")
 else:
     print("NO CUDA DEVICE: the GPU steps will be skipped (dry run)")
-import triton_adder  # from the checkout (PYTHONPATH)
-print("triton_adder from", os.path.dirname(triton_adder.__file__))
 for name in ("xdist", "pytest_timeout", "pandas", "matplotlib"):
     try:
         __import__(name)
         print(name, "ok")
     except ImportError:
         print(name, "MISSING")
+# Every module the later steps use, from the checkout (PYTHONPATH): an import error fails the run here.
+failed = []
+for module in ("triton_adder", "triton_adder.backends.triton", "triton_adder.autotune.tuner",
+               "triton_adder.autotune.lookup", "triton_adder.tune", "triton_adder.bench", "triton_adder.report",
+               "triton_adder.measure.sass", "triton_adder.tuning", "triton_adder.reports"):
+    try:
+        module = importlib.import_module(module)
+        print("import", module.__name__, "from", os.path.dirname(module.__file__))
+    except Exception as error:
+        failed.append(f"{module}: {type(error).__name__}: {error}")
+for line in failed:
+    print("IMPORT FAILED:", line)
+sys.exit(1 if failed else 0)
 EOF
 }
 
@@ -165,8 +216,13 @@ step_tests() {
     local extra=()
     "$PYTHON" -c 'import xdist' 2>/dev/null && extra+=(-n "$PYTEST_WORKERS")
     "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && extra+=(--timeout 120)
-    "$PYTHON" -m pytest -q -p no:cacheprovider -ra "${extra[@]}" \
-        tests/test_kernel_forward.py tests/test_kernel_backward.py tests/test_functional.py
+    # shellcheck disable=SC2086
+    "$PYTHON" -m pytest -q -p no:cacheprovider -ra "${extra[@]}" $GPU_TESTS
+}
+
+step_kernel_vs_cudnn() {
+    # shellcheck disable=SC2086
+    interpret "$PYTHON" benchmarks/kernel_vs_cudnn.py $KVC_ARGS --out "$OUT"
 }
 
 step_sass() {
@@ -179,20 +235,16 @@ step_sass() {
 }
 
 tune_arguments() {
-    echo --model resnet50 --batch-size "$TUNE_BATCH" --ops "$TUNE_OPS" --cache-dir "$TRITON_ADDER_CACHE_DIR"
+    echo --model "$MODEL" --batch-size "$TUNE_BATCH" --ops "$TUNE_OPS" --cache-dir "$TRITON_ADDER_CACHE_DIR"
 }
 
 step_tune() {
-    local no_report=()
-    # Newer tune writes its report by default: here the report is its own step.
-    "$PYTHON" -m triton_adder.tune --help 2>/dev/null | grep -q -- --no-report && no_report=(--no-report)
     # shellcheck disable=SC2046
-    "$PYTHON" -m triton_adder.tune $(tune_arguments) --budget-s "$TUNE_BUDGET_S" "${no_report[@]}"
+    interpret "$PYTHON" -m triton_adder.tune $(tune_arguments) --budget-s "$TUNE_BUDGET_S" --no-report
 }
 
 step_report() {
-    # Both commands write runs/<model>-<device>/ under the working directory: run in
-    # $WORK/report so that the tarball unpacks to the same path at the repository root.
+    # Both commands write runs/<model>-<device>/ under the working directory: run in $WORK/report.
     local quick=()
     [[ $REPORT_QUICK == 1 ]] && quick=(--quick)
     mkdir -p "$WORK/report"
@@ -200,9 +252,9 @@ step_report() {
     if [[ $TUNE_COMPLETE == 1 ]]; then
         # Every problem is cached: tune goes straight to the benchmark and adds its tuning table.
         # shellcheck disable=SC2046
-        "$PYTHON" -m triton_adder.tune $(tune_arguments) --budget-s 1 --report "${quick[@]}"
+        interpret "$PYTHON" -m triton_adder.tune $(tune_arguments) --budget-s 1 --report "${quick[@]}"
     else
-        "$PYTHON" -m triton_adder.bench --model resnet50 --batch-size "$TUNE_BATCH" "${quick[@]}"
+        "$PYTHON" -m triton_adder.bench --model "$MODEL" --batch-size "$TUNE_BATCH" "${quick[@]}"
     fi
 }
 
@@ -213,46 +265,55 @@ collect_tuning_cache() {
         cp "$f" "$OUT/" && found=1 && say "tuning cache: $OUT/$(basename "$f")"
     done
     ((found)) || say "tuning cache: nothing tuned"
+    [[ $LAST_STATUS != ok ]] || ((found)) || fail_after tune "it finished but stored no winner"
 }
 
 collect_report() {
-    if [[ -d $WORK/report/runs ]]; then
-        tar -C "$WORK/report" -czf "$OUT/report.tar.gz" runs && say "report: $OUT/report.tar.gz ($(
+    if compgen -G "$WORK/report/runs/*/report.html" >/dev/null; then
+        tar -C "$WORK/report/runs" -czf "$OUT/report.tar.gz" . && say "report: $OUT/report.tar.gz ($(
             tar -tzf "$OUT/report.tar.gz" | tr '\n' ' '))"
     else
         say "report: none written"
+        [[ $LAST_STATUS != ok ]] || fail_after report "it finished but wrote no report.html"
     fi
 }
 
-export -f step_info step_tests step_sass step_tune step_report tune_arguments
-export REPO PYTHON TUNE_BUDGET_S TUNE_OPS TUNE_BATCH REPORT_QUICK PYTEST_WORKERS WORK TUNE_COMPLETE
+export -f step_info step_tests step_kernel_vs_cudnn step_sass step_tune step_report tune_arguments interpret
+export REPO PYTHON MODEL TUNE_BUDGET_S TUNE_OPS TUNE_BATCH REPORT_QUICK PYTEST_WORKERS WORK TUNE_COMPLETE REHEARSAL \
+    KVC_ARGS GPU_TESTS
 
-say "gpu_run.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) steps: $STEPS; TOTAL_S=$TOTAL_S; OUT=$OUT; repo $REPO"
+say "gpu_run.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) steps: $STEPS; TOTAL_S=$TOTAL_S; REHEARSAL=$REHEARSAL; OUT=$OUT; repo $REPO"
 GPU=0
 has_gpu && GPU=1
+if ((GPU)) && [[ $REHEARSAL == 1 ]]; then
+    say "REHEARSAL=1 is for a machine without a GPU (the interpreter would stand in for the GPU): unset it"
+    exit 1
+fi
 for step in $STEPS; do
     case $step in
-        info) run_step info 30 step_info ;;
+        info) run_step info 20 step_info ;;
         kernel_vs_cudnn)
-            # Runs without a GPU too: it then says it needs one and exits 0 (the dry run checks that).
-            STEP_CAPTURE=$WORK/kernel_vs_cudnn.txt run_step kernel_vs_cudnn 170 \
-                "$PYTHON" benchmarks/kernel_vs_cudnn.py --out "$OUT"
+            # Without a GPU (and without REHEARSAL) it says it needs one and exits 0.
+            STEP_CAPTURE=$WORK/kernel_vs_cudnn.txt run_step kernel_vs_cudnn 150 step_kernel_vs_cudnn
             ;;
-        sass) run_step sass 45 step_sass ;;  # compile-only: runs without a GPU too
+        sass) run_step sass 30 step_sass ;;  # compile-only: runs without a GPU too
         tests | tune | report)
-            if ((!GPU)); then
+            if ((!GPU)) && [[ $REHEARSAL != 1 ]]; then
                 SUMMARY+=("$(printf '%-16s %-9s %5s s  (no CUDA device)' "$step" skipped -)")
                 say "=== $step: skipped (no CUDA device)"
                 continue
             fi
             case $step in
-                tests) run_step tests 120 step_tests ;;
+                tests) run_step tests 130 step_tests ;;
                 tune)
-                    run_step tune 110 step_tune
+                    run_step tune 100 step_tune
                     [[ $LAST_STATUS == ok ]] && export TUNE_COMPLETE=1
                     collect_tuning_cache
                     ;;
-                report) run_step report 170 step_report; collect_report ;;
+                report)
+                    run_step report 90 step_report
+                    collect_report
+                    ;;
             esac
             ;;
         *)

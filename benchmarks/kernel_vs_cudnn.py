@@ -39,7 +39,9 @@ Writes <out>/<stem>.csv and <stem>.json (`reports.write_raw`: rows plus metadata
 torch/Triton/cuDNN/CUDA versions, driver, clocks, git revision, date and command line); stem
 defaults to kernel_vs_cudnn_<device>. Exit status: 0, or 1 when a correctness check failed or an
 adder variant could not run. Without a CUDA device it prints that it needs one and exits 0,
-writing nothing.
+writing nothing, unless --cpu-rehearsal: then every step (implementations, float64 slice checks,
+timing, tables, files) runs on the CPU with the kernels through the Triton interpreter, for
+benchmarks/gpu_run.sh's rehearsal; use it at tiny shapes, its times are interpreter wall clock.
 """
 
 from __future__ import annotations
@@ -564,6 +566,9 @@ def parse_args(argv: Sequence[str] | None):
         action="store_false",
         help="leave torch.backends.cudnn.benchmark off (cuDNN's heuristic algorithm choice)",
     )
+    parser.add_argument("--cpu-rehearsal", action="store_true",
+                        help="without a GPU: run every step on the CPU through the Triton interpreter "
+                             "(needs TRITON_INTERPRET=1; functional, NOT GPU timings)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("runs") / "benchmarks", help="output folder")
     parser.add_argument("--stem", default=None, help="output file stem (default kernel_vs_cudnn_<device>)")
     parser.add_argument(
@@ -629,10 +634,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     import torch  # noqa: PLC0415
 
-    if not torch.cuda.is_available():
+    interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if args.cpu_rehearsal:
+        if torch.cuda.is_available() or not interpreter:
+            print("kernel_vs_cudnn.py: --cpu-rehearsal needs TRITON_INTERPRET=1 on a machine without a GPU",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    elif not torch.cuda.is_available():
         print(NEEDS_GPU_MESSAGE, file=sys.stderr)
         return 0
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    elif interpreter:
         print("kernel_vs_cudnn.py: unset TRITON_INTERPRET (the interpreter would run the kernels on the CPU)",
               file=sys.stderr)  # fmt: skip
         return 2
@@ -642,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"--model must be one of {sorted(models.MODELS)}, got {args.model!r}", file=sys.stderr)
         return 2
     command_line = shlex.join([sys.executable, *sys.argv] if argv is None else ["kernel_vs_cudnn.py", *argv])
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cpu") if args.cpu_rehearsal else torch.device("cuda", torch.cuda.current_device())
     frame, metadata, goals, (csv_path, json_path) = run(args, device, command_line)
     print(f"{metadata['device']}, torch {metadata['torch']}, Triton {metadata['triton']}, cuDNN {metadata['cudnn']}, "
           f"CUDA {metadata['cuda']}, driver {metadata['driver']}, {metadata['date']}")  # fmt: skip

@@ -72,3 +72,58 @@ def test_gpu_run_clis_start(image_python, tmp_path, module):
     result = subprocess.run([str(image_python), "-m", module, "--help"], cwd=tmp_path, env=image_env(),
                             capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def _gpu_run(python, out, *steps, checkout=REPO, **env):
+    environment = image_env(OUT=str(out), PYTHON=str(python), **env)
+    environment.pop("TRITON_INTERPRET")  # the script sets it where a rehearsal needs it
+    environment["PYTHONPATH"] = ""
+    return subprocess.run(["bash", str(checkout / "benchmarks" / "gpu_run.sh"), *steps], env=environment,
+                          capture_output=True, text=True, timeout=1800, check=False)  # fmt: skip
+
+
+def test_the_whole_gpu_run_rehearsed_on_the_cpu(image_python, tmp_path):
+    """REHEARSAL=1: every step the GPU run takes executes here, in the image's package set."""
+    import json
+    import tarfile
+
+    import pandas as pd
+
+    out = tmp_path / "out"
+    result = _gpu_run(image_python, out, REHEARSAL="1")
+    log = (out / "gpu_run.log").read_text()
+    assert result.returncode == 0, log[-6000:] + result.stderr[-3000:]
+    assert "CPU REHEARSAL" in log and "IMPORT FAILED" not in log
+    for step in ("info", "tests", "kernel_vs_cudnn", "sass", "tune", "report"):
+        assert f"=== {step}: ok after" in log, step
+    # kernel_vs_cudnn: every variant ran and every adder output passed its float64 slice check
+    (csv,) = out.glob("kernel_vs_cudnn_*.csv")
+    frame = pd.read_csv(csv)
+    assert (frame["status"] == "ok").all() and (frame[frame["role"] == "adder"]["check"] == "pass").all()
+    assert len(frame) == 12
+    # tune: a winner in the interpreter's cache file
+    (cache,) = out.glob("cpu__interpreter__triton-*.json")
+    entries = json.loads(cache.read_text())["entries"]
+    assert entries and all(entry["config"] and entry["op"] == "forward" for entry in entries), entries
+    # report: a page in report.tar.gz
+    with tarfile.open(out / "report.tar.gz") as tar:
+        names = tar.getnames()
+    assert any(name.endswith("lenet5bn-cpu/report.html") for name in names), names
+
+
+def test_the_dry_run_fails_when_the_package_cannot_import(image_python, tmp_path):
+    """A checkout whose library needs a package the image lacks (the failure of 4be0d16) fails the
+    plain dry run at its info step instead of skipping every GPU step and exiting 0."""
+    import shutil
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    checkout = tmp_path / "checkout"
+    for name in files.split():
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, checkout / name)
+    lookup = checkout / "triton_adder" / "autotune" / "lookup.py"
+    lookup.write_text(lookup.read_text().replace("import torch\n", "import platformdirs  # not in the image\nimport torch\n", 1))
+    result = _gpu_run(image_python, tmp_path / "out", "info", "kernel_vs_cudnn", checkout=checkout)
+    log = (tmp_path / "out" / "gpu_run.log").read_text()
+    assert result.returncode == 1, log
+    assert "IMPORT FAILED: triton_adder.backends.triton: ModuleNotFoundError" in log and "info             FAILED" in log
