@@ -98,3 +98,35 @@ def input_terms(weight, geom) -> int:
 def weight_terms(grad_out) -> int:
     """Terms summed into one dW element: N * Ho * Wo."""
     return grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3]
+
+
+# Operands at the edges of eq. 5-6, where each gradient must still follow its formula (the float64
+# reference's semantics): "infinite_and_huge" inputs, where clamp(W - X, -1, 1) is +-1 (and |X| >= 2**24,
+# where X -+ 1 rounds to X in float32); "nan_in_padding_only", NaN weight taps that only ever meet the
+# zero padding and NaN inputs that no tap reads, which must reach no input gradient (the padded taps
+# contribute nothing, not 0 * NaN). Each: (x shape, weight shape, adder2d keyword arguments).
+NONFINITE_CASES = {
+    "infinite_and_huge": ((1, 2, 3, 3), (3, 2, 2, 2), dict(padding=1)),
+    # stride 3 over 3 rows: the one output row reads rows -1, 0, 1, so kernel row 0 reads only the
+    # padding and input row 2 is read by no tap.
+    "nan_in_padding_only": ((1, 2, 3, 4), (4, 2, 3, 3), dict(stride=(3, 1), padding=1)),
+}
+
+
+def nonfinite_operands(case: str, device="cpu", seed=0):
+    """(grad_out, x, weight, adder2d keyword arguments) of a NONFINITE_CASES entry, float32 on `device`."""
+    x_shape, w_shape, kwargs = NONFINITE_CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(x_shape, generator=gen)
+    weight = torch.randn(w_shape, generator=gen) * 0.8
+    if case == "infinite_and_huge":
+        x[0, 0, 1, 1], x[0, 1, 0, 2], x[0, 0, 2, 0], x[0, 1, 2, 2] = -float("inf"), float("inf"), -3e9, 5e7
+    else:
+        weight[1, 0, 0, 1] = weight[3, 1, 0, 2] = float("nan")
+        x[:, :, 2] = float("nan")
+    out = [
+        out_size(size, k, s, kwargs["padding"])
+        for size, k, s in zip(x_shape[2:], w_shape[2:], kwargs.get("stride", (1, 1)), strict=True)
+    ]
+    grad_out = torch.randn(x_shape[0], w_shape[0], *out, generator=gen)
+    return grad_out.to(device), x.to(device), weight.to(device), kwargs

@@ -4,13 +4,17 @@ argument conventions of conv2d, layouts, errors, and torch.compile. Runs the CPU
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import triton_adder
 from tests import cases
 from tests.tolerance import assert_matches_reference
 from triton_adder import backends, reference
+from triton_adder.backends import cpu
 from triton_adder.functional import resolve_geometry
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _expected(x, weight, b, kwargs):
@@ -250,3 +254,141 @@ def test_output_can_be_modified_in_place(monkeypatch, compiled, groups):
     y.relu_().sum().backward()
     torch.testing.assert_close(y.detach(), expected)
     assert x.grad is not None and weight.grad is not None
+
+
+# Every path a call can take: (backend, TRITON_ADDER_CPU_COMPILE, device). The Triton kernels run under
+# the interpreter without CUDA (tests/conftest.py).
+PATHS = {"cpu-eager": ("cpu", "0", "cpu"), "cpu-compiled": ("cpu", "1", "cpu"), "triton": ("triton", "1", DEVICE)}
+
+
+@pytest.fixture(params=list(PATHS))
+def path_device(request, monkeypatch):
+    """Run the test on one path of `PATHS`; yields the device its tensors go on."""
+    backend, compile_flag, device = PATHS[request.param]
+    monkeypatch.setenv(cpu.COMPILE_ENV, compile_flag)
+    if request.param == "cpu-compiled" and not cpu.compiler_enabled():
+        pytest.skip("inductor is unavailable here")
+    with backends.use_backend(backend):
+        yield device
+
+
+STRIDED_VIEWS = ["bias sliced", "bias expanded", "weight permuted", "weight sliced", "input expanded",
+                 "grad_out transposed", "grad_out expanded"]  # fmt: skip
+
+
+def _strided_operands(view: str, n, cin, h, w, cout, cg, k, device) -> dict:
+    """x, weight, bias and grad_out (padding 1: Ho, Wo = H, W) on `device`, one of them the view `view`,
+    whose strides are not the contiguous ones (a step, a permutation, stride 0)."""
+    operands = {
+        "x": torch.randn(n, cin, h, w, device=device),
+        "weight": torch.randn(cout, cg, k, k, device=device),
+        "bias": torch.randn(cout, device=device),
+        "grad_out": torch.randn(n, cout, h, w, device=device),
+    }
+    views = {
+        "bias sliced": ("bias", lambda: torch.randn(2 * cout, device=device)[1::2]),
+        "bias expanded": ("bias", lambda: torch.randn(1, device=device).expand(cout)),
+        "weight permuted": ("weight", lambda: torch.randn(cout, k, k, cg, device=device).permute(0, 3, 1, 2)),
+        "weight sliced": ("weight", lambda: torch.randn(cout, 2 * cg, k, k, device=device)[:, ::2]),
+        "input expanded": ("x", lambda: torch.randn(n, cin, 1, w, device=device).expand(n, cin, h, w)),
+        "grad_out transposed": ("grad_out", lambda: torch.randn(n, cout, w, h, device=device).transpose(2, 3)),
+        "grad_out expanded": ("grad_out", lambda: torch.randn(1, cout, 1, 1, device=device).expand(n, cout, h, w)),
+    }
+    name, make = views[view]
+    operands[name] = make()
+    assert not operands[name].is_contiguous()
+    return operands
+
+
+@pytest.mark.parametrize("view", STRIDED_VIEWS)
+def test_strided_operands_follow_their_strides(view, path_device):
+    """Each operand as a view with non-contiguous strides, forward and both gradient modes on every path,
+    against the reference on the same values (issue 28: the forward kernel read bias[t] at bias_ptr + t)."""
+    torch.manual_seed(0)
+    n, cin, h, w, cout, k, groups = 2, 4, 5, 6, 6, 3, 2
+    cg = cin // groups
+    operands = _strided_operands(view, n, cin, h, w, cout, cg, k, path_device)
+    x, weight, bias = (operands[key].detach().requires_grad_() for key in ("x", "weight", "bias"))
+    grad_out = operands["grad_out"]
+    geom = resolve_geometry((h, w), (k, k), padding=1, groups=groups)
+    expected_y = reference.adder2d_forward(x.detach(), weight.detach(), bias.detach(), geom)
+    for grad_mode in ("paper", "exact"):
+        y = triton_adder.adder2d(x, weight, bias, padding=1, groups=groups, grad_mode=grad_mode)
+        grad_x, grad_w, grad_b = torch.autograd.grad(y, (x, weight, bias), grad_out)
+        expected_x, expected_w = reference.adder2d_backward(grad_out, x.detach(), weight.detach(), geom, grad_mode)
+        assert_matches_reference(y, expected_y, torch.float32, cg * k * k)
+        assert_matches_reference(grad_x, expected_x, torch.float32, cout // groups * k * k)
+        assert_matches_reference(grad_w, expected_w, torch.float32, n * h * w)
+        assert_matches_reference(grad_b, grad_out.double().sum(dim=(0, 2, 3)), torch.float32, n * h * w)
+
+
+def _jvp(f, x, v):
+    return torch.func.jvp(f, (x,), (v,))[1]
+
+
+def _jacfwd(f, x, v):
+    return torch.func.jacfwd(f)(x)
+
+
+def _forward_ad(f, x, v, requires_grad=False):
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(f(fwAD.make_dual(x.requires_grad_(requires_grad), v))).tangent
+
+
+FORWARD_AD = {
+    "torch.func.jvp": _jvp,
+    "torch.func.jacfwd": _jacfwd,
+    "forward_ad": _forward_ad,
+    "forward_ad, requires_grad": lambda f, x, v: _forward_ad(f, x, v, requires_grad=True),
+}
+
+
+@pytest.mark.parametrize("wrt", ["input", "weight", "bias"])
+@pytest.mark.parametrize("transform", list(FORWARD_AD))
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(transform, wrt):
+    """The op has no forward-mode formula: a tangent reaching it is refused, never silently dropped (issue 28:
+    torch.func.jvp gave a zero tangent, forward_ad None)."""
+    operands = {"input": torch.randn(1, 2, 4, 4), "weight": torch.randn(3, 2, 3, 3), "bias": torch.randn(3)}
+
+    def f(operand):
+        return triton_adder.adder2d(**{**operands, wrt: operand})
+
+    message = f"does not support forward-mode AD .*: {wrt} carries a forward-mode tangent"
+    with pytest.raises(NotImplementedError, match=message):
+        FORWARD_AD[transform](f, operands[wrt], torch.randn_like(operands[wrt]))
+
+
+def test_forward_mode_ad_of_a_dual_cotangent_raises():
+    """Forward-over-reverse: a tangent on the gradient that reaches the backward ops is refused too."""
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    y = triton_adder.adder2d(x, torch.randn(3, 2, 3, 3))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="grad_out carries a forward-mode tangent"):
+        torch.autograd.grad(y, x, fwAD.make_dual(torch.randn_like(y), torch.randn_like(y)))
+
+
+def test_forward_mode_ad_around_the_op_still_works():
+    """Inside a dual level, a call whose operands carry no tangent runs: the tangent of the rest is exact."""
+    x, weight, a, v = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3), torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2)
+    _, tangent = torch.func.jvp(lambda a: triton_adder.adder2d(x, weight) * a, (a,), (v,))
+    torch.testing.assert_close(tangent, triton_adder.adder2d(x, weight) * v)
+
+
+@pytest.mark.parametrize("case", list(cases.NONFINITE_CASES))
+def test_gradients_follow_their_formulas_at_nonfinite_operands(case, path_device):
+    """Infinite and huge inputs (paper mode's clamp(W - X, -1, 1) is +-1 there: it gave NaN at X = -inf and
+    -1 for +1 at X = -3e9 on the CPU paths), and NaN that only the padding meets (a weight tap that reads no
+    input, an input no tap reads: 0 * NaN gave NaN input gradients), in both modes, on every path."""
+    grad_out, x, weight, kwargs = cases.nonfinite_operands(case, path_device)
+    geom = resolve_geometry(tuple(x.shape[2:]), tuple(weight.shape[2:]), **kwargs)
+    x.requires_grad_()
+    weight.requires_grad_()
+    for grad_mode in ("paper", "exact"):
+        y = triton_adder.adder2d(x, weight, grad_mode=grad_mode, **kwargs)
+        grad_x, grad_w = torch.autograd.grad(y, (x, weight), grad_out)
+        # on the CPU, where torch.sign(NaN) is 0 (the kernels' sign follows it)
+        operands = (grad_out.cpu(), x.detach().cpu(), weight.detach().cpu())
+        expected_x, expected_w = reference.adder2d_backward(*operands, geom, grad_mode)
+        assert expected_x.isfinite().all(), "the formula is finite for every input element here"
+        assert_matches_reference(grad_x, expected_x, torch.float32, weight.shape[0] * weight.shape[2] * weight.shape[3])
+        # eq. 5 is legitimately infinite (or NaN, at a NaN weight) where X is infinite: the same values
+        assert_matches_reference(grad_w, expected_w, torch.float32, grad_out[0, 0].numel(), equal_nan=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.cases import GRADIENT_CASES as CASES
-from tests.cases import gradient_operands, input_terms, layer_case, weight_terms
+from tests.cases import NONFINITE_CASES, gradient_operands, input_terms, layer_case, nonfinite_operands, weight_terms
 from tests.tolerance import assert_matches_reference
 from triton_adder import backends, functional
 from triton_adder.contract import GRAD_MODES, needs_int64_indexing
@@ -233,3 +233,55 @@ def test_accumulates_into_existing_grad_through_the_op():
         y.backward(grad_out)
     assert_matches_reference(x.grad, expected_x + previous_x.double(), torch.float32, _input_terms(weight, geom))
     assert_matches_reference(weight.grad, expected_w + previous_w.double(), torch.float32, _weight_terms(grad_out))
+
+
+def _strided(view: str, grad_out, x, weight):
+    """(grad_out, x, weight) with one of them replaced by a view of the same values whose strides are not the
+    contiguous ones: a permutation, a slice with a step, or stride 0 (an expand)."""
+    cout, cg, kh, kw = weight.shape
+    if view == "weight permuted":
+        weight = torch.zeros(kh, cout, kw, cg, device=DEVICE).permute(1, 3, 0, 2).copy_(weight)
+    elif view == "weight sliced":
+        weight = torch.zeros(cout, 2 * cg, kh, kw, device=DEVICE)[:, ::2].copy_(weight)
+    elif view == "grad_out transposed":
+        n, cout, ho, wo = grad_out.shape
+        grad_out = torch.zeros(n, cout, wo, ho, device=DEVICE).transpose(2, 3).copy_(grad_out)
+    elif view == "grad_out expanded":  # the gradient of a sum(): stride 0 everywhere
+        grad_out = grad_out[:1, :1, :1, :1].expand_as(grad_out)
+    elif view == "x expanded":
+        x = x[:, :, :1].expand_as(x)
+    return grad_out, x, weight
+
+
+@pytest.mark.parametrize("grad_mode", GRAD_MODES)
+@pytest.mark.parametrize(
+    "view", ["weight permuted", "weight sliced", "grad_out transposed", "grad_out expanded", "x expanded"]
+)
+def test_views_of_every_operand_are_read_through_their_strides(view, grad_mode):
+    """Every operand of both gradient kernels as a view (issue 28 audit): the same gradients as the reference."""
+    grad_out, x, weight, geom = _operands("stride2_groups2", seed=8)
+    grad_out, x, weight = _strided(view, grad_out, x, weight)
+    assert not (grad_out.is_contiguous() and x.is_contiguous() and weight.is_contiguous())
+    expected_x, expected_w = adder2d_backward(grad_out.cpu(), x.cpu(), weight.cpu(), geom, grad_mode)
+    grad_x = gi.grad_input(grad_out, x, weight, geom, grad_mode, SMALL)
+    grad_w = gw.grad_weight(grad_out, x, weight, geom, grad_mode, SMALL, split_k=2)
+    assert_matches_reference(grad_x, expected_x, torch.float32, _input_terms(weight, geom))
+    assert_matches_reference(grad_w, expected_w, torch.float32, _weight_terms(grad_out))
+
+
+# The interpreter's numpy warns of 0 * inf in tile rows past the last output channel, which are never stored.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+@pytest.mark.parametrize("grad_mode", GRAD_MODES)
+@pytest.mark.parametrize("case", list(NONFINITE_CASES))
+def test_gradients_follow_their_formulas_at_nonfinite_operands(case, grad_mode):
+    """Both kernels at infinite and huge inputs and at NaN that only the padding meets (tests/cases.py): the
+    reference's values, on the CPU (where torch.sign(NaN) is 0, as the kernels' sign). The exact mode's
+    NaN-propagating sign made the masked taps' 0 * sign(NaN) NaN in both gradients."""
+    grad_out, x, weight, kwargs = nonfinite_operands(case, DEVICE)
+    geom = functional.resolve_geometry(tuple(x.shape[2:]), tuple(weight.shape[2:]), **kwargs)
+    expected_x, expected_w = adder2d_backward(grad_out.cpu(), x.cpu(), weight.cpu(), geom, grad_mode)
+    assert expected_x.isfinite().all(), "the formula is finite for every input element here"
+    grad_x = gi.grad_input(grad_out, x, weight, geom, grad_mode, SMALL)
+    grad_w = gw.grad_weight(grad_out, x, weight, geom, grad_mode, SMALL, split_k=2)
+    assert_matches_reference(grad_x, expected_x, torch.float32, _input_terms(weight, geom))
+    assert_matches_reference(grad_w, expected_w, torch.float32, _weight_terms(grad_out), equal_nan=True)

@@ -168,6 +168,44 @@ def test_int64_indexing_path_matches_reference():
     assert_matches_reference(y, expected, torch.float32, _reduction_length(weight))
 
 
+def _strided(view: str, x, weight, bias):
+    """(x, weight, bias) with one of them replaced by a view of the same values whose strides are not the
+    contiguous ones: a slice with a step, a permutation, or stride 0 (an expand)."""
+    cout, cg, kh, kw = weight.shape
+    if view == "bias sliced":
+        bias = torch.zeros(2 * cout, device=DEVICE)[1::2].copy_(bias)
+    elif view == "bias expanded":
+        bias = bias[:1].expand(cout)
+    elif view == "weight permuted":
+        weight = torch.zeros(kh, cout, kw, cg, device=DEVICE).permute(1, 3, 0, 2).copy_(weight)
+    elif view == "weight sliced":
+        weight = torch.zeros(cout, cg, kh, 2 * kw, device=DEVICE)[..., ::2].copy_(weight)
+    elif view == "x expanded":
+        x = x[:1].expand_as(x)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("view", ["bias sliced", "bias expanded", "weight permuted", "weight sliced", "x expanded"])
+def test_views_of_every_operand_are_read_through_their_strides(view):
+    """Issue 28: the kernel loaded bias[t] at bias_ptr + t, so bias[::2] gave [0, 1, 2, 3] for [0, 2, 4, 6] and
+    an expanded bias read memory it does not own. Every operand, as a view, must give the reference's output."""
+    x, weight, bias, kwargs = _inputs(CASES[1])  # groups 2, stride 2, padding 1, bias
+    x, weight, bias = _strided(view, x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE))
+    assert not (x.is_contiguous() and weight.is_contiguous() and bias.is_contiguous())
+    geom = _geometry(x, weight, kwargs)
+    expected = reference.adder2d_forward(x.cpu(), weight.cpu(), bias.cpu(), geom)
+    assert_matches_reference(fwd.forward(x, weight, bias, geom, SMALL_CONFIGS[0]), expected, torch.float32, 18)
+
+
+def test_launch_refuses_an_output_it_cannot_address():
+    # The kernel finds output row oh at oh * Wo * y.stride(3): a y with other row strides would be written wrong.
+    x, weight, bias, kwargs = _inputs(CASES[1])
+    geom = _geometry(x, weight, kwargs)
+    y = torch.empty(x.shape[0], weight.shape[0], 2 * geom.out_size[0], geom.out_size[1])[:, :, ::2]
+    with pytest.raises(ValueError, match=r"y's rows must be Wo \* y\.stride\(3\) apart"):
+        fwd.kernel_launch(x, weight, bias, y, geom, SMALL_CONFIGS[0])
+
+
 BAD_CONFIGS = [
     ((128, 64, 8), ValueError, r"config must be a KernelConfig or None, got tuple"),
     (KernelConfig(48, 16, 4), ValueError, r"config\.block_m must be a power of two in \[1, 1024\], got 48"),

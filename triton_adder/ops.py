@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from triton_adder import contract
 from triton_adder.backends import backend_for
@@ -124,7 +125,32 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+_FORWARD_AD_UNSUPPORTED = (
+    "triton_adder's adder2d does not support forward-mode AD (torch.func.jvp, torch.func.jacfwd, "
+    "torch.autograd.forward_ad): {name} carries a forward-mode tangent, which the op would drop, giving a zero "
+    "tangent instead of the derivative. Use reverse mode (loss.backward() or torch.autograd.grad) instead."
+)
+
+
+def _refuse_forward_ad(**tensors) -> None:
+    """Raise NotImplementedError if any of `tensors` (None allowed) carries a forward-mode AD tangent.
+
+    `torch.library.register_autograd` has no forward-mode formula, and a custom op whose inputs do
+    not require grad runs below autograd: a dual tensor's tangent would be silently dropped
+    (torch.func.jvp returned zeros, forward_ad a None tangent). torch.func.jvp and jacfwd open a dual
+    level as forward_ad does, so outside one (`fwAD._current_level` < 0, the usual case) nothing can
+    carry a tangent and nothing is looked up (a torch without that private attribute looks up each time).
+    """
+    if getattr(fwAD, "_current_level", 0) < 0:
+        return
+    for name, tensor in tensors.items():
+        if tensor is not None and fwAD.unpack_dual(tensor).tangent is not None:
+            raise NotImplementedError(_FORWARD_AD_UNSUPPORTED.format(name=name))
+
+
 def _backward(ctx, grad_out):
+    # A tangent on grad_out (forward-over-reverse through a dual cotangent) would be dropped the same way.
+    _refuse_forward_ad(grad_out=grad_out)
     x, weight = ctx.saved_tensors
     geometry_args = (*ctx.geometry_args, ctx.grad_mode)
     grad_x = grad_w = grad_b = None
@@ -158,6 +184,7 @@ _adder2d_grad_weight.register_autograd(_no_double_backward, setup_context=_keep_
 
 def adder2d_op(x: torch.Tensor, weight: torch.Tensor, bias, geom: Conv2dGeometry, grad_mode: str) -> torch.Tensor:
     """Call the registered op with a resolved geometry (arguments already checked by `functional`)."""
+    _refuse_forward_ad(input=x, weight=weight, bias=bias)
     return _adder2d_forward(
         x, weight, bias, list(geom.stride), list(geom.padding), list(geom.dilation), geom.groups,
         list(geom.out_size), grad_mode,

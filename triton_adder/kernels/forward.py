@@ -47,7 +47,9 @@ def adder2d_forward_kernel(
 ):  # fmt: skip
     """One BLOCK_M x BLOCK_N tile of y (N, Cout, Ho, Wo) for group program_id(2).
 
-    x: (N, Cin, H, W), w: (Cout, Cin/groups, KH, KW), bias: (Cout,), all addressed via strides.
+    x: (N, Cin, H, W) and w: (Cout, Cin/groups, KH, KW) are addressed via their strides; bias (Cout,)
+    must be contiguous, and y's rows Wo * stride_yw apart, as in NCHW and channels_last (`kernel_launch`
+    sees to both).
     float16/bfloat16 values are widened to float32 as they are loaded (once per row or column, not per
     element), so the loop is the float32 one; packed-half variants measured worse (see sass.py notes).
     """
@@ -176,6 +178,14 @@ def kernel_launch(x, weight, bias, y, geom: Conv2dGeometry, config: KernelConfig
     n, cin, h, w = x.shape
     cout, channels_per_group, kh, kw = weight.shape
     ho, wo = geom.out_size
+    if ho > 1 and y.stride(2) != wo * y.stride(3):
+        raise ValueError(
+            f"y's rows must be Wo * y.stride(3) apart, as in NCHW-contiguous and channels_last tensors (the kernel "
+            f"finds row oh at oh * Wo * y.stride(3)); got strides {y.stride()} for shape {tuple(y.shape)}"
+        )
+    # The kernel reads bias[t] at bias_ptr + t, without a stride, so a view (a slice with a step, an expand
+    # with stride 0) is copied: Cout elements once per call, nothing beside the reduction.
+    bias = None if bias is None else bias.contiguous()
     outputs_per_group = cout // geom.groups
     m = n * ho * wo
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(outputs_per_group, config.block_n), geom.groups)

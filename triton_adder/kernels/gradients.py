@@ -13,9 +13,13 @@ from triton_adder.geometry import Conv2dGeometry
 
 @triton.jit
 def _sign(d):
-    """sign(d) with sign(0) = 0 and NaN propagated, as torch.sign."""
-    return tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d))
+    """sign(d) with sign(0) = sign(NaN) = 0, as torch.sign (and the reference, which uses it).
 
+    Not NaN-propagating: the grad_input kernel's masked taps load gY = 0, and 0 * sign(W - X) must
+    stay 0 there, or a NaN weight tap that only meets the padding made every input gradient it does not
+    reach NaN (and, through grad_weight's padded X = 0, its own weight gradient NaN, not the reference's).
+    """
+    return tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
 
 
 def check_grad_mode(grad_mode: str) -> None:

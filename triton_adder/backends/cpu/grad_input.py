@@ -18,30 +18,39 @@ from triton_adder.backends.cpu import common
 from triton_adder.geometry import Conv2dGeometry
 
 
-def _grad_input_body(grad_taps, weight, x, *, exact, compute_dtype):
+def _grad_input_body(grad_taps, weight, x, inside=None, *, exact, compute_dtype):
     """One phase of the input-gradient gather (eq. 6, or sign(W - X) when exact).
 
     grad_taps (N, M, M', U, V, G, Tg): the grad_out values each input element's taps read (view);
     weight (G, U, V, Tg, Cg): the phase's taps, flipped; x (N, M, M', G, Cg): the input values
-    (any float dtype, a view of x). Returns dX = sum_{u, v, t} gY * clamp(W - X, -1, 1) (or
-    sign(W - X)) as a contiguous (N, M, M', Cin) tensor of compute_dtype.
+    (any float dtype, a view of x); inside: None, or (M, M', U, V) bool, whether tap (u, v) of
+    element (m, m') reads a real grad_out position rather than the zero padding of grad_taps (the
+    padded taps' terms are then selected out). Returns dX = sum_{u, v, t} gY * clamp(W - X, -1, 1)
+    (or sign(W - X)) as a contiguous (N, M, M', Cin) tensor of compute_dtype.
 
     Why it is written this way: Cg is the innermost axis of weight, x and the result, so the
     compiled loop keeps one vector accumulator per 16 input channels and streams the reduction
     (no horizontal sums). Returning NCHW from here made inductor vectorise along the width
-    (60x slower), so the caller transposes. The clamp is computed as ``relu(W - (X-1)) - relu(W - (X+1)) - 1``
-    because inductor lowers relu to a plain vector max, while clamp/maximum/minimum become
-    NaN-propagating sequences of about 4 instructions each (measured: 2.6x slower); the ``- 1``
-    summed over the taps is ``sum gY``, taken once per input position, not per channel.
+    (60x slower), so the caller transposes. The clamp is computed as
+    ``1 - clamp(W - X, -1, 1) = relu(2 - relu(W - (X - 1)))`` because inductor lowers relu to a
+    plain vector max, while clamp/maximum/minimum become NaN-propagating sequences of about 4
+    instructions each (measured: 2.6x slower); the ``1`` summed over the taps is ``sum gY``, taken
+    once per input position, not per channel. Nested, the relus saturate at 0 and 2 for any W - X,
+    infinite or huge; the former difference ``relu(W - (X-1)) - relu(W - (X+1))`` gave inf - inf =
+    NaN at X = -inf, and 0 instead of 2 once X -+ 1 rounded to X (|X| >= 2**24 in float32).
     """
     n, m_h, m_w, groups, cg = x.shape
     x = x.to(compute_dtype)[:, :, :, :, None, None, None, :]  # N, M, M', G, 1, 1, 1, Cg
     grad = grad_taps.permute(0, 1, 2, 5, 3, 4, 6)[..., None]  # N, M, M', G, U, V, Tg, 1
     if exact:
-        out = (grad * (weight - x).sign()).sum(dim=(4, 5, 6))
+        terms = grad * (weight - x).sign()
     else:
-        shifted = (weight - (x - 1.0)).relu() - (weight - (x + 1.0)).relu()  # clamp(W - X, -1, 1) + 1
-        out = (grad * shifted).sum(dim=(4, 5, 6)) - grad.sum(dim=(4, 5, 6))
+        terms = grad * (2.0 - (weight - (x - 1.0)).relu()).relu()  # gY * (1 - clamp(W - X, -1, 1))
+    if inside is not None:
+        terms = torch.where(inside[None, :, :, None, :, :, None, None], terms, 0.0)
+    out = terms.sum(dim=(4, 5, 6))
+    if not exact:
+        out = grad.sum(dim=(4, 5, 6)) - out
     return out.reshape(n, m_h, m_w, groups * cg)
 
 
@@ -78,6 +87,20 @@ def _zero_padded_rows(grad, lo_h: int, len_h: int, lo_w: int, len_w: int, dtype:
     return buf
 
 
+def _maybe_nonfinite(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """False only if every element of x and weight is finite. A sum is finite only if all its terms are, and
+    costs ~1/40 of isfinite().all(); one that overflows (rare in `dtype`, float32 or float64, unlike float16)
+    only costs the masked path. Meta tensors hold no values."""
+    return x.is_meta or not bool(torch.isfinite(x.sum(dtype=dtype) + weight.sum(dtype=dtype)))
+
+
+def _reads_output(lo: int, count: int, taps: int, step: int, out: int, device) -> torch.Tensor:
+    """(count, taps) bool: whether grad_out index lo + m + u * step, which tap u of a phase's m-th element
+    reads (`_phases`), lies in [0, out) rather than in the zero padding of the phase's buffer."""
+    index = lo + torch.arange(count, device=device)[:, None] + step * torch.arange(taps, device=device)
+    return (index >= 0) & (index < out)
+
+
 def grad_input(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry, grad_mode: str = "paper"
 ) -> torch.Tensor:
@@ -103,6 +126,12 @@ def grad_input(
     w_grouped = weight.to(dtype).reshape(groups, tg, cg, kh, kw)
     (sh, sw), (dh, dw), (ho, wo) = geom.stride, geom.dilation, geom.out_size
     top, left = geom.padding
+    # A padded tap reads gY = 0 from the phase's zero-padded buffer, and 0 * its clamp term is 0 unless
+    # that term is NaN: a NaN operand, or inf - inf. Only then are padded taps selected out of the sum
+    # (`_grad_input_body`'s `inside`, ~5% slower), so that a NaN weight tap that only ever meets the
+    # padding, or a NaN input no tap reads, does not reach other elements' gradients. The exact mode
+    # never needs it: the sign of NaN is 0 (torch.sign).
+    mask_padding = grad_mode == "paper" and _maybe_nonfinite(x, weight, dtype)
     rows_phases = list(_phases(h, top, sh, dh, kh, ho))
     cols_phases = list(_phases(w, left, sw, dw, kw, wo))
     single_phase = len(rows_phases) == len(cols_phases) == 1 and rows_phases[0][1] == h and cols_phases[0][1] == w
@@ -122,8 +151,13 @@ def grad_input(
             rows = slice(h0, h0 + (mh - 1) * sh + 1, sh)
             cols = slice(w0, w0 + (mw - 1) * sw + 1, sw)
             x_phase = x_nhwc[:, rows, cols].reshape(n, mh, mw, groups, cg)
+            inside = None
+            if mask_padding and (lo_h < 0 or lo_h + len_h > ho or lo_w < 0 or lo_w + len_w > wo):  # padded taps
+                rows_in = _reads_output(lo_h, mh, len(taps_h), step_h, ho, x.device)
+                cols_in = _reads_output(lo_w, mw, len(taps_w), step_w, wo, x.device)
+                inside = rows_in[:, None, :, None] & cols_in[None, :, None, :]  # (M, M', U, V)
             options = {"exact": grad_mode == "exact", "compute_dtype": dtype}
-            out = _grad_input_phase(grad_taps, w_phase, x_phase, options)
+            out = _grad_input_phase(grad_taps, w_phase, x_phase, options, inside)
             if single_phase:
                 grad_x = out  # (N, H, W, Cin): the phase is all of x
             else:
@@ -161,19 +195,20 @@ def _grad_input_fully_connected(grad_out, x, weight, geom: Conv2dGeometry, grad_
     return grad_x.contiguous(memory_format=torch.channels_last) if common.is_channels_last(x) else grad_x
 
 
-def _grad_input_compiled(grad_taps, w_phase, x_phase, options):
+def _grad_input_compiled(grad_taps, w_phase, x_phase, options, inside=None):
     """The compiled phase, over blocks of input channels whose weights fit in about
     `common.WEIGHT_BLOCK_BYTES` (the kernel streams the weight block once per input position)."""
     groups, u, v, tg, cg = w_phase.shape
     blocks = common.weight_blocks(groups * u * v * tg * cg * w_phase.element_size())
+    masks = () if inside is None else (inside,)
     if blocks <= 1:
-        return common.compiled_call(_grad_input_body, options, (grad_taps, w_phase, x_phase))
+        return common.compiled_call(_grad_input_body, options, (grad_taps, w_phase, x_phase, *masks))
     block = common.channel_block(cg, blocks)
     n, mh, mw = x_phase.shape[:3]
     out = x_phase.new_empty((n, mh, mw, groups, cg), dtype=options["compute_dtype"])
     for k0 in range(0, cg, block):
         k1 = min(cg, k0 + block)
-        args = (grad_taps, w_phase[..., k0:k1].contiguous(), x_phase[..., k0:k1])
+        args = (grad_taps, w_phase[..., k0:k1].contiguous(), x_phase[..., k0:k1], *masks)
         out_block = common.compiled_call(_grad_input_body, options, args)
         if out_block is None:
             return None
@@ -181,10 +216,10 @@ def _grad_input_compiled(grad_taps, w_phase, x_phase, options):
     return out.reshape(n, mh, mw, groups * cg)
 
 
-def _grad_input_phase(grad_taps, w_phase, x_phase, options):
+def _grad_input_phase(grad_taps, w_phase, x_phase, options, inside=None):
     """Run `_grad_input_body` compiled, else eagerly on chunks of rows (and input channels)."""
     if common.use_compiler(x_phase):
-        out = _grad_input_compiled(grad_taps, w_phase, x_phase, options)
+        out = _grad_input_compiled(grad_taps, w_phase, x_phase, options, inside)
         if out is not None:
             return out
     n, mh, mw, u, v, groups, tg = grad_taps.shape
@@ -195,7 +230,11 @@ def _grad_input_phase(grad_taps, w_phase, x_phase, options):
     for k0, k1 in common.chunks(cg, mw * item, budget):
         for n0, n1, r0, r1 in common.row_blocks(n, mh, mw * (k1 - k0) * item, budget):
             chunk = _grad_input_body(
-                grad_taps[n0:n1, r0:r1], w_phase[..., k0:k1], x_phase[n0:n1, r0:r1, :, :, k0:k1], **options
+                grad_taps[n0:n1, r0:r1],
+                w_phase[..., k0:k1],
+                x_phase[n0:n1, r0:r1, :, :, k0:k1],
+                None if inside is None else inside[r0:r1],
+                **options,
             )
             out[n0:n1, r0:r1, :, :, k0:k1] = chunk.reshape(n1 - n0, r1 - r0, mw, groups, k1 - k0)
     return out.reshape(n, mh, mw, groups * cg)
