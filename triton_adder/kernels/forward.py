@@ -160,11 +160,13 @@ def output_channels_contiguous(weight: torch.Tensor) -> torch.Tensor:
     """weight (Cout, Cg, kh, kw) as a view of the same shape whose storage is (Cg, kh, kw, Cout).
 
     A tile's k step loads BLOCK_N output channels of one (input channel, tap); in the
-    (Cout, Cg, kh, kw) layout they sit Cg*kh*kw elements apart, one 32-byte sector each, and load
-    as scalar LDG. With Cout contiguous (stride 1, which Triton specialises and so the compiler
-    sees) they are one contiguous run: vector loads, one sector per 8 float32. The copy is one pass
-    over W per call (Cout*Cg*kh*kw elements), small beside the N*Ho*Wo*Cout*Cg*kh*kw-term reduction;
-    a weight already in this layout is passed as is.
+    (Cout, Cg, kh, kw) layout they sit Cg*kh*kw elements apart, one 32-byte sector each. With Cout
+    contiguous (stride 1, which Triton specialises and so the compiler sees) they are one contiguous
+    run, so the loads are coalesced: 1.00 byte fetched per byte used instead of 8.00
+    (results/benchmarks/sass_matrix_after.txt against sass_matrix.txt). They are still scalar
+    LDG.E, not vector loads (0 of 8 in the matrix): each thread holds one element of the 1-D weight
+    row. The copy is one pass over W per call (Cout*Cg*kh*kw elements), small beside the
+    N*Ho*Wo*Cout*Cg*kh*kw-term reduction; a weight already in this layout is passed as is.
     """
     return weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
 

@@ -149,24 +149,17 @@ def default_grad_input_config(x_shape, weight_shape, geom: Conv2dGeometry, devic
     GPU, more than 16 channels per group: 32 positions x 32 input channels, 2 output channels per
     step, ONE warp (32 accumulators and 32 X/2 values per thread), the same config under Triton 3.6
     and 3.9. Screened with the weight read Cg-contiguous (`input_channels_contiguous`), float32,
-    paper mode, sm_80 and sm_90, Triton 3.6.0 and 3.9.0 (benchmarks/sass_screen.py and
-    results/benchmarks/sass_matrix_after.txt): on the ResNet 64-channel 3x3, 128->256 stride-2 3x3,
-    256-channel 1x1 and 32-channel 3x3 layers 2.09 FP32 and 2.77-2.92 instructions in all per
-    element, no LDL/STL, no SHFL in the loop. Rejected by the same screen:
-    - 64 x 32 x 4 on 2 warps (the previous default): 3.06 FP32 / 4.3-4.4 in all under 3.6 (a
-      row-per-thread layout recomputes W/2 + 1/2 per element; with the old (Cout, Cg, kh, kw)
-      weight it also spilled 40-190 LDL/STL on the 3x3 layers), 2.09 / 2.8-2.9 under 3.9;
-    - 32 x 32 x 4 on one warp: 2.09 / 2.74-2.91, but 2 LDL/STL under 3.6 (stride-2 layer, and
-      the 32-channel layer on sm_80);
-    - 64 x 32 x 2 on one warp (the previous 17-32-channel branch): 8 SHFL in the loop under both;
-    - 128 x 32 x 4 (2 warps) and 64 x 64 x 4 (4 warps) spill; 64 x 32 x 4 on 4 warps has no
-      spills but 3.1 FP32 / 6.6-8.3 in all; 16 x 32 x 4 on one warp 3.1 / 7.7-8.3 under 3.9.
+    paper mode, sm_80 and sm_90, Triton 3.6.0 and 3.9.0 (results/benchmarks/sass_matrix_after.txt):
+    on the ResNet 64-channel 3x3, 128->256 stride-2 3x3, 256-channel 1x1 and 32-channel 3x3 layers
+    2.09 FP32 and 2.77-2.92 instructions in all per element, no LDL/STL, no SHFL in the loop. The
+    previous defaults, in results/benchmarks/sass_matrix.txt: 64 x 32 x 4 on 2 warps, 3.06 FP32 /
+    4.3-6.6 in all under 3.6, spilling 40-190 LDL/STL on the 3x3 layers with the old weight layout;
+    64 x 32 x 2 on one warp (the 17-32-channel branch), 8 SHFL in the loop under both versions.
     At most 16 channels per group: 128 positions x 16 channels x 4 output channels, 2 warps (2.38
-    FP32 / 3.48 in all on the 16-channel 3x3 layer, no spills, no SHFL, both versions). Depthwise
-    (Cg == 1): a 16-wide channel tile is 15/16 masked lanes and spilled 88 LDL/STL; 1024 positions
-    x 1 channel on 4 warps has no spills and ~21 instructions per useful term: one term per
-    (position, tap), so per-position index math and range checks dominate. Interpreter (CPU):
-    16 x 16 x 4.
+    FP32 / 3.47-3.49 in all on the 16-channel 3x3 layer, no spills, no SHFL, both versions). Depthwise
+    (Cg == 1): 1024 positions x 1 channel on 4 warps has no spills and about 20 instructions per
+    element: one term per (position, tap), so per-position index math and range checks dominate.
+    Interpreter (CPU): 16 x 16 x 4.
     """
     cout, cg = weight_shape[:2]
     tg = cout // geom.groups

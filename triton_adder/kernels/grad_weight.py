@@ -127,22 +127,17 @@ def default_grad_weight_config(x_shape, weight_shape, geom: Conv2dGeometry, devi
 
     BLOCK_K is the number of (n, p, q) reduction steps unrolled per loop iteration. GPU: at most
     64 x 64 channels per program. The full 64 x 64 tile runs on 2 warps with 2 steps unrolled
-    (64 accumulators per thread): screened (benchmarks/sass_screen.py; float32, paper mode; ResNet
-    64-channel 3x3, 128->256 stride-2 3x3 and 256-channel 1x1 layers) under Triton 3.6.0 and 3.9.0
-    for sm_80 and sm_90: 1.02 FP32 and 1.80-1.93 instructions in all per element, no LDL/STL, no
-    SHFL. Rejected by the same screen (each spills LDL/STL somewhere in that grid): 128 x 64 x 8 on
-    4 warps (the previous default for wide layers: 8-36), 64 x 64 x 8 on 2 warps (the previous one
-    for 64 channels: 16 under 3.9 on sm_90), 128 x 64 x 4 on 4 warps, 64 x 64 x 4 on 2 warps (2 at
-    1x1), 32 x 64 x 8 and 64 x 32 x 4 on one warp; 64 x 64 x 8 and 64 x 64 x 4 on 4 warps spill
-    hundreds to thousands; 64 x 32 x 8 on 2 warps has no spills but 2.3-2.6 in all. Smaller tiles
-    (fewer channels) keep 8 steps unrolled on one warp (32 x 32 x 8: 1.03 FP32 / 2.35-2.61 in all,
-    no spills, both versions). Interpreter: 16 x 16 x 4.
+    (64 accumulators per thread): screened (float32, paper mode; ResNet 64-channel 3x3, 128->256
+    stride-2 3x3 and 256-channel 1x1 layers) under Triton 3.6.0 and 3.9.0 for sm_80 and sm_90
+    (results/benchmarks/sass_matrix_after.txt): 1.02 FP32 and 1.80-1.93 instructions in all per
+    element, no LDL/STL, no SHFL. The previous default for wide layers, 128 x 64 x 8 on 4 warps,
+    spilled 8-24 LDL/STL (results/benchmarks/sass_matrix.txt). Smaller tiles (fewer channels) keep
+    8 steps unrolled on one warp. Interpreter: 16 x 16 x 4.
 
     Narrow layers stay index-bound: with Cout = Cg = 16 the 16 x 16 tile is the whole layer, so each
-    (n, p, q) step's index advance, range checks and per-step loads (~38 integer/load instructions)
-    are shared by only 8 terms per thread (7.75 in all per term). Screened alternatives: block_k 4,
-    16, 32, 64 (7.77-8.69, 32 spills) and 2 warps (12.0); wider tiles would be masked lanes. Such
-    layers use the convolution identity by default anyway (`backends.triton.DEFAULT_GRAD_WEIGHT_METHOD`).
+    (n, p, q) step's index advance, range checks and per-step loads are shared by only 8 terms per
+    thread (7.75-8.66 instructions in all per term in the matrices). Such layers use the
+    convolution identity by default anyway (`backends.triton.DEFAULT_GRAD_WEIGHT_METHOD`).
     """
     cout, cg = weight_shape[:2]
     tg = cout // geom.groups
