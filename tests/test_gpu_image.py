@@ -7,10 +7,14 @@ run calls must start. (At 4be0d16 this failed: platformdirs missing, `triton_add
 `triton_adder.reports` existing only after `pip install`.)
 """
 
+import json
 import os
+import shutil
 import subprocess
+import tarfile
 import textwrap
 
+import pandas as pd
 import pytest
 
 from tests import gpu_image
@@ -31,7 +35,8 @@ def image_env(**extra) -> dict[str, str]:
 
 
 def test_the_image_venv_lacks_the_project_and_what_the_image_lacks(image_python, tmp_path):
-    probe = "import importlib.util as u; print([n for n in ('triton_adder', 'platformdirs', 'scipy', 'mlxtend') if u.find_spec(n)])"
+    names = ("triton_adder", "platformdirs", "scipy", "mlxtend")
+    probe = f"import importlib.util as u; print([n for n in {names!r} if u.find_spec(n)])"
     result = subprocess.run([str(image_python), "-c", probe], cwd=tmp_path, env=image_env(PYTHONPATH=""),
                             capture_output=True, text=True, check=True)  # fmt: skip
     assert result.stdout.strip() == "[]"
@@ -84,11 +89,6 @@ def _gpu_run(python, out, *steps, checkout=REPO, **env):
 
 def test_the_whole_gpu_run_rehearsed_on_the_cpu(image_python, tmp_path):
     """REHEARSAL=1: every step the GPU run takes executes here, in the image's package set."""
-    import json
-    import tarfile
-
-    import pandas as pd
-
     out = tmp_path / "out"
     result = _gpu_run(image_python, out, REHEARSAL="1")
     log = (out / "gpu_run.log").read_text()
@@ -114,16 +114,14 @@ def test_the_whole_gpu_run_rehearsed_on_the_cpu(image_python, tmp_path):
 def test_the_dry_run_fails_when_the_package_cannot_import(image_python, tmp_path):
     """A checkout whose library needs a package the image lacks (the failure of 4be0d16) fails the
     plain dry run at its info step instead of skipping every GPU step and exiting 0."""
-    import shutil
-
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     checkout = tmp_path / "checkout"
-    for name in files.split():
-        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, checkout / name)
+    ignored = shutil.ignore_patterns(".git", ".venv*", "__pycache__", "runs", "*.egg-info")
+    shutil.copytree(REPO, checkout, ignore=ignored)
     lookup = checkout / "triton_adder" / "autotune" / "lookup.py"
-    lookup.write_text(lookup.read_text().replace("import torch\n", "import platformdirs  # not in the image\nimport torch\n", 1))
+    missing = "import platformdirs  # not in the image\nimport torch\n"
+    lookup.write_text(lookup.read_text().replace("import torch\n", missing, 1))
     result = _gpu_run(image_python, tmp_path / "out", "info", "kernel_vs_cudnn", checkout=checkout)
     log = (tmp_path / "out" / "gpu_run.log").read_text()
     assert result.returncode == 1, log
-    assert "IMPORT FAILED: triton_adder.backends.triton: ModuleNotFoundError" in log and "info             FAILED" in log
+    assert "IMPORT FAILED: triton_adder.backends.triton: ModuleNotFoundError" in log
+    assert "info             FAILED" in log
