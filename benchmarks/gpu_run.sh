@@ -36,7 +36,9 @@
 #     tune            100  tuned vs default: python -m triton_adder.tune --model $MODEL --ops
 #                          $TUNE_OPS --budget-s $TUNE_BUDGET_S --no-report; problems in order of
 #                          their share of the model's work, the cache saved after every winner, so
-#                          a timeout keeps what was tuned; the table prints the speedup per problem
+#                          a timeout keeps what was tuned (the largest problems); the table prints
+#                          the speedup per problem; a timeout here is expected, not a failure of
+#                          what was stored
 #     report           90  the whole model: the report (report.html + results.csv/json, batch
 #                          $TUNE_BATCH, quick unless REPORT_QUICK=0) with the tuned configs, through
 #                          `triton_adder.tune --report` when the tune step finished (its tuning table
@@ -57,7 +59,7 @@
 # results/gpu_run/cpu-rehearsal/.
 #
 # Environment: OUT (default /tmp/gpu_run_out), TOTAL_S (520; 1500 in a rehearsal), MODEL
-# (resnet50; lenet5bn in a rehearsal), TUNE_BUDGET_S (3), TUNE_OPS (fwd), TUNE_BATCH (64; 2),
+# (resnet50; lenet5bn in a rehearsal), TUNE_BUDGET_S (10), TUNE_OPS (fwd), TUNE_BATCH (64; 2),
 # REPORT_QUICK (1), PYTHON (python3), PYTEST_WORKERS (8), KVC_ARGS.
 # Exit status: 0 when every step that ran succeeded and produced its files, else 1 (the summary
 # names the failing steps). Without a GPU and without REHEARSAL (a dry run) info still imports
@@ -70,7 +72,11 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REHEARSAL=${REHEARSAL:-0}
 OUT=${OUT:-${TMPDIR:-/tmp}/gpu_run_out}
 PYTHON=${PYTHON:-python3}
-TUNE_BUDGET_S=${TUNE_BUDGET_S:-3}
+# The budget per problem covers the compile-time screen too (tuning/search.py), and a batch screens for at
+# most a quarter of it in the coarse pass: at 3 s nothing but the default and the shipped verdicts'
+# configs (tuning/screens/) would be timed. 10 s screens a few configs per problem and, in the step's
+# 100 s, tunes the largest problems first (by their share of the model's work).
+TUNE_BUDGET_S=${TUNE_BUDGET_S:-10}
 TUNE_OPS=${TUNE_OPS:-fwd}
 REPORT_QUICK=${REPORT_QUICK:-1}
 PYTEST_WORKERS=${PYTEST_WORKERS:-8}
@@ -150,7 +156,8 @@ run_step() {
         124 | 137) status=TIMEOUT ;;
         *) status="FAILED($rc)" ;;
     esac
-    [[ $status == ok ]] || FAILED=1
+    # PARTIAL_OK=1: a step that stores as it goes (tune) may run out of time; what it stored is checked after.
+    [[ $status == ok ]] || { [[ $status == TIMEOUT && ${PARTIAL_OK:-0} == 1 ]] && status=partial; } || FAILED=1
     LAST_STATUS=$status
     SUMMARY+=("$(printf '%-16s %-9s %5s s' "$name" "$status" $(($(date +%s) - begin)))")
     say "=== $name: $status after $(($(date +%s) - begin)) s"
@@ -265,7 +272,7 @@ collect_tuning_cache() {
         cp "$f" "$OUT/" && found=1 && say "tuning cache: $OUT/$(basename "$f")"
     done
     ((found)) || say "tuning cache: nothing tuned"
-    [[ $LAST_STATUS != ok ]] || ((found)) || fail_after tune "it finished but stored no winner"
+    [[ $LAST_STATUS != ok && $LAST_STATUS != partial ]] || ((found)) || fail_after tune "it stored no winner"
 }
 
 collect_report() {
@@ -306,7 +313,7 @@ for step in $STEPS; do
             case $step in
                 tests) run_step tests 130 step_tests ;;
                 tune)
-                    run_step tune 100 step_tune
+                    PARTIAL_OK=1 run_step tune 100 step_tune
                     [[ $LAST_STATUS == ok ]] && export TUNE_COMPLETE=1
                     collect_tuning_cache
                     ;;

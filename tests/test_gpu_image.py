@@ -125,3 +125,15 @@ def test_the_dry_run_fails_when_the_package_cannot_import(image_python, tmp_path
     assert result.returncode == 1, log
     assert "IMPORT FAILED: triton_adder.backends.triton: ModuleNotFoundError" in log
     assert "info             FAILED" in log
+
+
+def test_a_tune_step_cut_short_keeps_what_it_tuned(image_python, tmp_path):
+    """A lease running out mid-tune is expected: the step is 'partial', not a failure, and the cache
+    file that comes back holds the winners stored so far."""
+    out = tmp_path / "out"
+    result = _gpu_run(image_python, out, "tune", REHEARSAL="1", TOTAL_S="16", MODEL="resnet50", TUNE_OPS="fwd,bwd")
+    log = (out / "gpu_run.log").read_text()
+    assert result.returncode == 0, log[-4000:]
+    assert "tune             partial" in log
+    (cache,) = out.glob("cpu__interpreter__triton-*.json")
+    assert json.loads(cache.read_text())["entries"]
