@@ -392,3 +392,44 @@ def test_gradients_follow_their_formulas_at_nonfinite_operands(case, path_device
         assert_matches_reference(grad_x, expected_x, torch.float32, weight.shape[0] * weight.shape[2] * weight.shape[3])
         # eq. 5 is legitimately infinite (or NaN, at a NaN weight) where X is infinite: the same values
         assert_matches_reference(grad_w, expected_w, torch.float32, grad_out[0, 0].numel(), equal_nan=True)
+
+
+# ---- hostile arguments: clear errors that name the argument, before any allocation ----
+
+
+@pytest.mark.parametrize(
+    "arguments, name",
+    [({"padding": 2**62}, "padding"), ({"stride": 2**63}, "stride"), ({"dilation": (1, 2**40)}, "dilation"),
+     ({"stride": (2**31, 1)}, "stride")],
+)  # fmt: skip
+def test_huge_geometry_integers_are_refused_by_name(arguments, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be an int or a pair of ints in \["):
+        triton_adder.adder2d(torch.zeros(1, 1, 3, 3), torch.zeros(2, 1, 2, 2), **arguments)
+
+
+def test_geometry_whose_padded_input_dwarfs_the_input_is_refused_before_allocating():
+    # conv2d gives a 1x1 output here; the padded input would be (2**20 + 1)**2 elements (4 TiB).
+    x, weight = torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 2, 2)
+    assert F.conv2d(x, weight, padding=2**19, dilation=2**20).shape == (1, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"padding \(524288, 524288\) with dilation \(1048576, 1048576\)"):
+        triton_adder.adder2d(x, weight, padding=2**19, dilation=2**20)
+
+
+@pytest.mark.parametrize("operand", ["input", "weight", "bias"])
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr"])
+def test_non_strided_layouts_are_refused_by_name(operand, layout):
+    tensors = {"input": torch.randn(1, 2, 3, 3), "weight": torch.randn(2, 2, 2, 2), "bias": torch.randn(2)}
+    dense = tensors[operand]
+    # CSR is 2-d: a 4-d CSR tensor is batched over its first dimensions, a 1-d bias gets none.
+    if layout == "sparse_csr" and operand == "bias":
+        pytest.skip("a 1-d tensor has no CSR form")
+    tensors[operand] = dense.to_sparse() if layout == "sparse_coo" else dense.to_sparse_csr(dense_dim=None)
+    with pytest.raises(TypeError, match=rf"^{operand} must be a dense \(torch.strided\) tensor, got layout"):
+        triton_adder.adder2d(tensors["input"], tensors["weight"], tensors["bias"])
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1", "lots"])
+def test_memory_budget_variable_is_validated_by_name(value, monkeypatch):
+    monkeypatch.setenv(cpu.MEMORY_BUDGET_ENV, value)
+    with pytest.raises(ValueError, match=rf"^{cpu.MEMORY_BUDGET_ENV} must be a positive, finite number of megabytes"):
+        cpu.common.memory_budget_bytes()

@@ -14,6 +14,14 @@ from triton_adder import contract, ops
 from triton_adder.geometry import Conv2dGeometry
 
 
+# Geometry values (stride, padding, dilation) above this are refused by name: torch's own ops take
+# them as int64 lists (2**63 raised a schema error), and sizes built from them must not overflow.
+MAX_GEOMETRY = 2**31 - 1
+# A padded input this many times larger than the input, and past the kernels' int32 range, is refused
+# before anything is allocated (see `_check_padded_size`).
+PADDING_BLOWUP_LIMIT = 4
+
+
 def _int(value) -> int | None:
     """value as an int if it is integer-like (int, numpy integer, 0-d integer tensor), not a bool."""
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
@@ -34,8 +42,8 @@ def _pair(value, name: str, minimum: int) -> tuple[int, int]:
     ints = [_int(v) for v in items]
     if len(ints) == 1:
         ints = ints * 2
-    if len(ints) != 2 or any(v is None or v < minimum for v in ints):
-        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
+    if len(ints) != 2 or any(v is None or not minimum <= v <= MAX_GEOMETRY for v in ints):
+        raise ValueError(f"{name} must be an int or a pair of ints in [{minimum}, {MAX_GEOMETRY}], got {value!r}")
     return tuple(ints)
 
 
@@ -89,7 +97,32 @@ def resolve_geometry(
     return Conv2dGeometry(stride, padding_before, dilation, groups, tuple(out_size))
 
 
+def _check_padded_size(input: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry) -> None:
+    """Refuse, before allocating, a geometry whose zero-padded input dwarfs the input itself.
+
+    The CPU path builds the padded input (the rows and columns the taps can read,
+    `Conv2dGeometry.padded_extent`) and the kernels index in int32. conv2d computes, e.g.,
+    padding=2**19, dilation=2**20 on a 1x1 input (a 1x1 output); here that padded input would hold
+    2**40 elements (4 TiB in float32), so it is a clear error instead of an allocation failure.
+    """
+    hpad, wpad = geom.padded_extent(tuple(weight.shape[2:]))
+    n, cin = input.shape[:2]
+    padded = n * cin * hpad * wpad
+    if padded >= contract.INT32_LIMIT and padded > PADDING_BLOWUP_LIMIT * max(1, input.numel()):
+        gib = padded * input.element_size() / 2**30
+        raise ValueError(
+            f"padding {geom.padding} with dilation {geom.dilation} and stride {geom.stride} needs a zero-padded "
+            f"input of {n}x{cin}x{hpad}x{wpad} = {padded} elements ({gib:.0f} GiB), over {PADDING_BLOWUP_LIMIT}x the "
+            f"input and past the kernels' int32 indexing; adder2d does not support such geometry (conv2d does): "
+            "reduce the padding or dilation"
+        )
+
+
 def _check_tensors(input: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> None:
+    for name, tensor in (("input", input), ("weight", weight), ("bias", bias)):
+        if isinstance(tensor, torch.Tensor) and tensor.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (torch.strided) tensor, got layout {tensor.layout}; "
+                            "call .to_dense() first")  # fmt: skip
     if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4):
         shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
         raise ValueError(f"input must be a 3-d (C, H, W) or 4-d (N, C, H, W) tensor, got {shape}")
@@ -192,5 +225,6 @@ def adder2d(
     if unbatched:
         input = input.unsqueeze(0)
     geom = resolve_geometry(tuple(input.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation, groups)
+    _check_padded_size(input, weight, geom)
     output = ops.adder2d_op(input, weight, bias, geom, grad_mode)
     return output.squeeze(0) if unbatched else output

@@ -31,6 +31,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import threading
 import warnings
@@ -80,9 +81,9 @@ def memory_budget_bytes() -> int:
     try:
         megabytes = float(raw)
     except ValueError:
-        raise ValueError(f"{MEMORY_BUDGET_ENV} must be a positive number of megabytes, got {raw!r}") from None
-    if megabytes <= 0:
-        raise ValueError(f"{MEMORY_BUDGET_ENV} must be a positive number of megabytes, got {raw!r}")
+        raise ValueError(f"{MEMORY_BUDGET_ENV} must be a positive, finite number of megabytes, got {raw!r}") from None
+    if not math.isfinite(megabytes) or megabytes <= 0:
+        raise ValueError(f"{MEMORY_BUDGET_ENV} must be a positive, finite number of megabytes, got {raw!r}")
     return int(megabytes * 2**20)
 
 
