@@ -13,7 +13,6 @@ import torch
 from triton_adder import contract, ops
 from triton_adder.geometry import Conv2dGeometry
 
-
 # Geometry values (stride, padding, dilation) above this are refused by name: torch's own ops take
 # them as int64 lists (2**63 raised a schema error), and sizes built from them must not overflow.
 MAX_GEOMETRY = 2**31 - 1
