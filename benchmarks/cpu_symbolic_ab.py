@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 import triton_adder  # noqa: E402
 from triton_adder.backends.cpu import common  # noqa: E402
+from triton_adder.cli_args import positive_int  # noqa: E402
 from triton_adder.measure.machine import cpu_name, git_revision  # noqa: E402
 
 MODES = {"exact": "1", "symbolic": common.SYMBOLIC}  # $TRITON_ADDER_CPU_COMPILE per mode
@@ -32,9 +33,9 @@ MODES = {"exact": "1", "symbolic": common.SYMBOLIC}  # $TRITON_ADDER_CPU_COMPILE
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--pairs", type=int, default=7)
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--size", type=positive_int, default=224)
+    parser.add_argument("--pairs", type=positive_int, default=7)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = triton_adder.models.build(args.model, adder=True)

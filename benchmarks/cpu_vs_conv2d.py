@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from triton_adder.backends import cpu  # noqa: E402
 from triton_adder.backends.cpu.memory import peak_extra_rss_megabytes  # noqa: E402
+from triton_adder.cli_args import positive_int  # noqa: E402
 from triton_adder.functional import resolve_geometry  # noqa: E402
 
 # (name, batch, in_channels, out_channels, input size, kernel, stride, padding)
@@ -114,10 +115,10 @@ def bench_shape(batch, cin, cout, size, kernel, stride, padding, repeats, grad_m
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per shape (median reported)")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed repeats per shape (median reported)")
     parser.add_argument("--shapes", default="resnet20,resnet50", help=f"comma-separated subset of {list(SHAPES)}")
     parser.add_argument("--grad-mode", default="paper", choices=("paper", "exact"))
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's default)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

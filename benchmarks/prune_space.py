@@ -37,6 +37,7 @@ from triton_adder import models
 from triton_adder.autotune.problems import by_work, collect_problems
 from triton_adder.autotune.spaces import OPS
 from triton_adder.autotune.tunables import INSTRUCTION_BUDGET_FACTOR, make_tunable
+from triton_adder.cli_args import positive_finite_float, positive_int
 from triton_adder.measure import sass
 from triton_adder.models.census import DEFAULT_GPU_BATCH, MODEL_INPUT_SIZE
 from triton_adder.tuning import prune, verdict_entries, write_verdicts
@@ -79,12 +80,12 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", nargs="+", default=list(DEFAULT_LAYERS),
                         help="layer names of the model, or 'all' (every problem, largest work first)")
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
-    parser.add_argument("--batch", type=int, default=None, help="default: the model's GPU tuning batch")
+    parser.add_argument("--batch", type=positive_int, default=None, help="default: the model's GPU tuning batch")
     parser.add_argument("--arch", type=int, default=90, choices=(80, 90))
     parser.add_argument("--space", default="full", choices=("full", "coarse"),
                         help="every valid config, or the coarse grid the search screens first")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--max-seconds", type=float, default=180.0, help="screening cap per op")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--max-seconds", type=positive_finite_float, default=180.0, help="screening cap per op")
     parser.add_argument("--write-verdicts", default=None, metavar="PATH",
                         help="merge the verdicts into this screening-verdict file (tuning/screens/ format)")
     parser.add_argument("--out", default=None)

@@ -47,6 +47,7 @@ import sys
 
 import torch
 
+from triton_adder.cli_args import positive_int
 from triton_adder.contract import GRAD_MODES
 from triton_adder.kernels.launch_config import KernelConfig
 from triton_adder.measure import sass
@@ -139,12 +140,12 @@ def main(argv=None):
     parser.add_argument("--grad-mode", default="paper", choices=GRAD_MODES, help="gradient kernels only")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sass.ARCHES, help="sm_XX targets")
-    parser.add_argument("--block", type=int, nargs=3, metavar=("M", "N", "K"), help="default: heuristic")
-    parser.add_argument("--warps", type=int, default=4)
-    parser.add_argument("--stages", type=int, default=2)
-    parser.add_argument("--shape", type=int, nargs=4, default=[32, 64, 56, 56], metavar=("N", "C", "H", "W"))
-    parser.add_argument("--cout", type=int, default=64)
-    parser.add_argument("--kernel-size", type=int, default=3, help="square kernel side (kh = kw)")
+    parser.add_argument("--block", type=positive_int, nargs=3, metavar=("M", "N", "K"), help="default: heuristic")
+    parser.add_argument("--warps", type=positive_int, default=4)
+    parser.add_argument("--stages", type=positive_int, default=2)
+    parser.add_argument("--shape", type=positive_int, nargs=4, default=[32, 64, 56, 56], metavar=("N", "C", "H", "W"))
+    parser.add_argument("--cout", type=positive_int, default=64)
+    parser.add_argument("--kernel-size", type=positive_int, default=3, help="square kernel side (kh = kw)")
     parser.add_argument("--stride", type=int, default=1)
     parser.add_argument("--padding", type=int, default=1)
     parser.add_argument("--groups", type=int, default=1)

@@ -36,6 +36,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from triton_adder.cli_args import nonnegative_int, positive_int  # noqa: E402
 from triton_adder.measure.machine import machine_metadata  # noqa: E402
 from triton_adder.models import build  # noqa: E402
 from triton_adder.optim import PUBLISHED_ETA, adaptive_lr_  # noqa: E402
@@ -112,9 +113,9 @@ def worker(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=32, help="global batch (split over --ranks)")
-    parser.add_argument("--repeats", type=int, default=9, help="timed rounds")
-    parser.add_argument("--ranks", type=int, default=2, help="processes of the torchrun run (0: skip it)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="global batch (split over --ranks)")
+    parser.add_argument("--repeats", type=positive_int, default=9, help="timed rounds")
+    parser.add_argument("--ranks", type=nonnegative_int, default=2, help="processes of the torchrun run (0: skip it)")
     parser.add_argument("--output", type=Path, default=Path("results/benchmarks/train_step.txt"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # set when started by torchrun
     args = parser.parse_args()

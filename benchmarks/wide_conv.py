@@ -30,6 +30,7 @@ from cpu_vs_conv2d import machine_description, timed  # noqa: E402  (benchmarks/
 from triton_adder import Adder2d  # noqa: E402
 from triton_adder.backends import use_backend  # noqa: E402
 from triton_adder.backends.cpu import common  # noqa: E402
+from triton_adder.cli_args import positive_int  # noqa: E402
 from triton_adder.measure.machine import git_revision  # noqa: E402
 
 IN_CHANNELS, OUT_CHANNELS, KERNEL, SIZE = 512, 4096, 7, 7  # VGG-11/16 classifier fc6 as a convolution
@@ -39,9 +40,9 @@ DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=11, help="interleaved timed repeats (medians reported)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--repeats", type=positive_int, default=11, help="interleaved timed repeats (medians reported)")
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="report file (overwritten)")
     args = parser.parse_args(argv)
     for name in ("repeats", "batch"):

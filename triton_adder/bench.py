@@ -5,7 +5,7 @@
 measures (`triton_adder.measure.loops.measure`: per unique adder layer the adder forward and
 gradients against conv2d in every precision, the published unfold-and-broadcast adder and
 cdist(p=1); per model forward and training step against the CNN twin) and writes the report
-(`triton_adder.report.write_report`) under results/reports/<model>-<device>/.
+(`triton_adder.report.write_report`) under runs/<model>-<device>/ (or --out).
 
 Timing: CUDA events on a GPU (warm-up, L2 flushed before each repeat), `time.perf_counter`
 elsewhere; median, p20, p80 of the repeats.
@@ -16,8 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import torch
 
 from triton_adder import models, report
+from triton_adder.backends import triton_interpreter_enabled
+from triton_adder.cli_args import check_writable, positive_int
 from triton_adder.measure.loops import ADDER_DTYPE_NAMES, measure
 
 __all__ = ["main", "measure"]
@@ -27,15 +32,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m triton_adder.bench --model resnet50`: measure, then write report.html, results.csv/json."""
     parser = argparse.ArgumentParser(prog="python -m triton_adder.bench", description=main.__doc__)
     parser.add_argument("--model", default="resnet50", choices=sorted(models.MODELS))
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="default: the model's batch in triton_adder.models.census.DEFAULT_GPU_BATCH on a GPU "
                              "(resnet50: 64), 2 on the CPU")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     parser.add_argument("--backend", choices=("triton", "cpu"), default=None)
     parser.add_argument("--adder-dtypes", default="float32", help=f"comma-separated: {','.join(ADDER_DTYPE_NAMES)}")
-    parser.add_argument("--max-layers", type=int, default=None, help="only the first N unique adder layers")
-    parser.add_argument("--out", default=None, help="output folder (default: results/reports/<model>-<device>)")
+    parser.add_argument("--max-layers", type=positive_int, default=None, help="only the first N unique adder layers")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/<model>-<device>)")
     args = parser.parse_args(argv)
+    if args.backend == "triton" and not torch.cuda.is_available() and not triton_interpreter_enabled():
+        # Every kernel row would fail and the run would still exit 0 with a report of errors.
+        parser.error("--backend triton needs a CUDA device or the Triton interpreter (TRITON_INTERPRET=1)")
+    # The report is written after minutes of measuring: check its folder now (default: under runs/).
+    check_writable(parser, "--out", args.out if args.out is not None else Path("runs"))
     frame = measure(args.model, args.batch_size, quick=args.quick, backend=args.backend,
                     adder_dtypes=tuple(args.adder_dtypes.split(",")), max_layers=args.max_layers, progress=True)
     for name, path in report.write_report(frame, out_dir=args.out).items():

@@ -41,6 +41,13 @@ from torch import nn
 from tqdm import tqdm
 
 from triton_adder import data
+from triton_adder.cli_args import (
+    check_writable,
+    nonnegative_finite_float,
+    nonnegative_int,
+    positive_finite_float,
+    positive_int,
+)
 from triton_adder.contract import GRAD_MODES
 from triton_adder.measure.machine import machine_metadata
 from triton_adder.models import build
@@ -353,15 +360,19 @@ def main(argv: list[str] | None = None) -> dict:
         help="adaptive learning-rate scaling of adder weight gradients (eq. 7-8)",
     )
     preset = "default: the model's recipe (triton_adder.training.recipes)"
-    parser.add_argument("--eta", type=float, help=preset)
-    parser.add_argument("--epochs", type=int, help=preset)
-    parser.add_argument("--batch-size", type=int, help=f"global batch, split over torchrun's processes; {preset}")
-    parser.add_argument("--lr", type=float, help=preset)
-    parser.add_argument("--momentum", type=float, help=preset)
-    parser.add_argument("--weight-decay", type=float, help=preset)
-    parser.add_argument("--max-shift", type=int, help=f"random translation / padded crop (pixels); {preset}")
+    parser.add_argument("--eta", type=positive_finite_float, help=preset)
+    parser.add_argument("--epochs", type=positive_int, help=preset)
+    parser.add_argument(
+        "--batch-size", type=positive_int, help=f"global batch, split over torchrun's processes; {preset}"
+    )
+    parser.add_argument("--lr", type=positive_finite_float, help=preset)
+    parser.add_argument("--momentum", type=nonnegative_finite_float, help=preset)
+    parser.add_argument("--weight-decay", type=nonnegative_finite_float, help=preset)
+    parser.add_argument(
+        "--max-shift", type=nonnegative_int, help=f"random translation / padded crop (pixels); {preset}"
+    )
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, help=f"random horizontal flip; {preset}")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)  # numpy SeedSequence: >= 0
     parser.add_argument(
         "--data",
         choices=datasets.DATASETS,
@@ -370,20 +381,23 @@ def main(argv: list[str] | None = None) -> dict:
         "folders under --data-root (needs torchvision). Default: the model's dataset",
     )
     parser.add_argument("--data-root", help="the dataset's directory (see --data)")
-    parser.add_argument("--train-subset", type=int, help="train on the first N training images only")
+    parser.add_argument("--train-subset", type=positive_int, help="train on the first N training images only")
     parser.add_argument("--amp", choices=tuple(loop.AMP_DTYPES), default="off",
                         help="autocast dtype (fp16 adds a GradScaler)")  # fmt: skip
     parser.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--workers", type=int, default=8, help="DataLoader workers (--data imagenet)")
+    parser.add_argument("--workers", type=nonnegative_int, default=8, help="DataLoader workers (--data imagenet)")
     parser.add_argument("--resume", action="store_true", help="continue from RUN.ckpt in the output directory")
     parser.add_argument("--output-dir", type=Path, help="default runs/RUN (results/mnist holds the committed runs)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument(
         "--figures", action="store_true", help="do not train: draw Figures 3 and 4 from the runs in --output-dir"
     )
     args = parser.parse_args(argv)
+    # Training writes runs/RUN (or --output-dir) after each epoch, --figures writes beside the runs: fail now.
+    default_dir = DEFAULT_OUTPUT_DIR if args.figures else Path("runs")
+    check_writable(parser, "--output-dir", args.output_dir or default_dir)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.figures:
