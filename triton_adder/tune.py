@@ -35,6 +35,10 @@ rank that tuned each row) and alone benchmarks and writes the report.
 Afterwards it benchmarks the model (`triton_adder.bench.measure`) and writes the HTML report
 (default runs/<model>-<device>/ under the current directory, never a committed folder;
 `--report PATH` elsewhere, `--no-report` skips it). Progress bars (tqdm) go to stderr.
+
+A cache location that cannot be written (a directory where the file goes, a file where the directory
+goes, no permission, a read-only file system) ends the run with one error line and exit status 2;
+cached entries the layer could not launch are warned about once and tuned again.
 """
 
 from __future__ import annotations
@@ -53,10 +57,12 @@ from triton_adder.autotune.problems import INTERPRETER_SPATIAL_CAP
 from triton_adder.autotune.spaces import parse_ops
 from triton_adder.autotune.tuner import SCREEN_FAILED_NOTE, Row, merge_shards, tune_model
 from triton_adder.backends import triton_interpreter_enabled
+from triton_adder.cli_args import check_writable, positive_finite_float, positive_int
 from triton_adder.contract import DTYPES as ALL_DTYPES
 from triton_adder.contract import GRAD_MODES, KERNEL_DTYPES
 from triton_adder.models.census import DEFAULT_GPU_BATCH
 from triton_adder.training import distributed
+from triton_adder.tuning import CacheLocationError
 
 __all__ = ["main", "parse_ops", "print_table", "tune_model", "write_report"]
 
@@ -228,13 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "shrunk problems (not GPU timings).",
     )
     parser.add_argument("--model", required=True, choices=sorted(DEFAULT_GPU_BATCH))
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help=f"GPU: tuning and benchmark batch (default per model {DEFAULT_GPU_BATCH}). Without a "
                              f"GPU: the report's CPU benchmark batch and the --full-size tuning batch (default "
                              f"{CPU_BATCH}); the functional tuning run always uses batch 1")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--ops", default="fwd,bwd", help="comma list of fwd, bwd, forward, grad_input, grad_weight")
-    parser.add_argument("--budget-s", type=float, default=60.0,
+    parser.add_argument("--budget-s", type=positive_finite_float, default=60.0,
                         help="search wall time per layer problem and op (s), the compile-time screen included "
                              "(the default config's run and the winner's check always run)")
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -259,12 +265,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ops = parse_ops(args.ops)
     except ValueError as error:
         parser.error(str(error))
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.budget_s <= 0:
-        parser.error(f"--budget-s must be > 0, got {args.budget_s}")
     if args.no_report and args.report is not None:
         parser.error("--report PATH and --no-report exclude each other")
+    if not args.no_report:
+        # The report is written after the tuning and the benchmark (minutes to hours): check its folder now.
+        target = args.report if args.report is not None else Path("runs")
+        check_writable(parser, "--report", target.parent if target.suffix.lower() in (".html", ".htm") else target)
 
     on_gpu = torch.cuda.is_available()
     # The interpreter is the user's (or the tests') choice, never set here: it is read when the
@@ -308,10 +314,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.perf_counter()
         bar = ProgressBar(f"tune {args.model}" + (f" rank {context.rank}" if context.distributed else ""))
         try:
+            cache.check_writable()  # before the run, not after its first hour of tuning
             rows = tune_model(args.model, batch, dtype, ops, args.budget_s, cache, device, quick,
                               channels_last=args.channels_last, force=args.force, grad_mode=args.grad_mode,
                               screen_arch=args.screen_arch, progress=bar, log=bar.write, shrink=shrink,
                               shard=(context.rank, context.world_size))
+        except CacheLocationError as error:  # the user's setup, not a bug: one line, no traceback
+            bar.write(f"error: {error}")
+            distributed.teardown(context)
+            return 2
         finally:
             bar.close()
         rows = merge_shards(distributed.gather(context, rows))

@@ -8,7 +8,7 @@ verdicts (`verdicts`: valid for one Triton version, target and kernel source) in
 """
 
 from .benchmark import CudaEventBenchmarker, Measurement, WallClockBenchmarker, benchmarker_for
-from .cache import CacheHit, DeviceIdentity, TuningCache, bucket, device_identity
+from .cache import CacheHit, CacheLocationError, DeviceIdentity, TuningCache, bucket, device_identity
 from .prune import PruneResult, ScreenOutOfTime, ScreenResult, prune, screen_configs, screen_time_left
 from .search import Evaluation, ScreenFailed, TuningResult, search
 from .space import (
@@ -33,6 +33,7 @@ from .verdicts import (
 
 __all__ = [
     "CacheHit",
+    "CacheLocationError",
     "Config",
     "Constraint",
     "CudaEventBenchmarker",

@@ -9,7 +9,9 @@ version; the interpreter is its own identity), above the configs shipped in ``tu
 An entry is keyed by op, kernel source hash, dtype, memory layout and the problem (`problem_key`
 of its `geometry.LayerShape`), batch bucketed to a power of two: lookup takes the exact bucket,
 then the nearest one, then None.
-Timings taken by wall clock (interpreter/CPU) are never used on a GPU.
+Timings taken by wall clock (interpreter/CPU) are never used on a GPU. An entry is used only if its
+launcher would launch it (`accept_entry`, the cache's validator: exact int fields, the launcher's limits);
+the cache ignores any other content with one warning naming the file, and the tuner re-tunes it.
 
 The backward ops' entries are also keyed by grad_mode (the kernels compile differently for each,
 and only paper mode may take the convolution identity). A "grad_weight" entry is a choice, not
@@ -34,7 +36,7 @@ import torch
 
 from triton_adder.contract import GRAD_MODES, GRAD_WEIGHT_METHODS, layout_name
 from triton_adder.geometry import Conv2dGeometry, LayerShape
-from triton_adder.kernels.launch_config import KernelConfig
+from triton_adder.kernels.launch_config import MAX_ACCUMULATORS_PER_THREAD, KernelConfig
 from triton_adder.tuning import DeviceIdentity, TuningCache, device_identity
 
 OPS = ("forward", "grad_input", "grad_weight")
@@ -154,8 +156,64 @@ def cache_for(device: torch.device, directory: str | Path | None = None) -> Tuni
     directory = Path(directory) if directory is not None else cache_dir()
     key = (ident.filename, directory)
     if key not in _caches:
-        _caches[key] = TuningCache(directory, ident)
+        _caches[key] = TuningCache(directory, ident, accept_entry=accept_entry)
     return _caches[key]
+
+
+_SIZES = ("batch", "in_channels", "height", "width", "out_channels", "groups")  # `problem_key`'s ints
+_PAIRS = ("kernel", "stride", "padding", "dilation", "out_size")  # and its [int, int] fields
+
+
+def _check_problem(problem: dict, where: str, sizes: tuple[str, ...]) -> None:
+    """ValueError unless `problem` has exactly `problem_key`'s fields (`sizes` of them ints), as exact ints."""
+    if set(problem) != {*sizes, *_PAIRS}:
+        raise ValueError(f"{where} has the fields {sorted(problem)}, expected {sorted({*sizes, *_PAIRS})}")
+    for name, value in problem.items():
+        values = value if name in _PAIRS and isinstance(value, list) and len(value) == 2 else [value]
+        # The launchers index with int64: anything outside cannot be a real layer (and no float, bool or string).
+        if (name in _PAIRS and values is not value) or not all(type(v) is int and 0 <= v < 2**63 for v in values):
+            raise ValueError(f"{where}.{name} must be {'[int, int]' if name in _PAIRS else 'an int'}, got {value!r}")
+
+
+def parse_config(op: str, values: dict, grad_mode: str) -> KernelConfig | GradWeightChoice:
+    """A cached config of `op` as its launcher takes it; ValueError unless the launcher would launch it."""
+    if op == "grad_weight":
+        found = GradWeightChoice.from_dict(values, argument="cached grad_weight choice")
+        if found.method == "conv_identity" and grad_mode == "exact":
+            raise ValueError("cached grad_weight choice: method 'conv_identity' cannot compute grad_mode='exact'")
+        kernel = found.config
+    else:
+        found = kernel = KernelConfig.from_dict(values, argument=f"cached {op} config")
+    if op == "forward":
+        from triton_adder.kernels.forward import validate_config
+
+        validate_config(kernel, argument="cached forward config")
+    elif kernel.accumulators_per_thread() > MAX_ACCUMULATORS_PER_THREAD:
+        # The backward launchers check only the generic ranges; this is the limit the tuner searches within
+        # (`spaces.ACCUMULATOR_CONSTRAINT`): beyond it the accumulator tile spills, or fails to compile.
+        raise ValueError(f"cached {op} config: block_m * block_n / (32 * num_warps) = "
+                         f"{kernel.accumulators_per_thread():g} > {MAX_ACCUMULATORS_PER_THREAD} (accumulators/thread)")
+    return found
+
+
+def accept_entry(entry: dict) -> None:
+    """The cache's validator (`TuningCache(accept_entry=...)`): ValueError unless an adder layer could use `entry`.
+
+    The tuner and the layer share it, so whatever the layer would ignore the tuner re-tunes.
+    """
+    op, problem = entry["op"], dict(entry["problem"])
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    grad_mode = problem.pop("grad_mode", "paper") if op in BACKWARD_OPS else "paper"
+    if grad_mode not in GRAD_MODES or (op in BACKWARD_OPS and "grad_mode" not in entry["problem"]):
+        raise ValueError(f"{op} problem.grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    reduced_from = problem.pop("reduced_from", None)
+    _check_problem(problem, f"{op} problem", _SIZES)
+    if reduced_from is not None:  # a functional run's shrunk problem names the real one, without its batch
+        if not isinstance(reduced_from, dict):
+            raise ValueError(f"{op} problem.reduced_from must be an object")
+        _check_problem(reduced_from, f"{op} problem.reduced_from", _SIZES[1:])
+    parse_config(op, entry["config"], grad_mode)
 
 
 def _cached(op: str, x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry, grad_mode: str):
@@ -178,13 +236,9 @@ def _cached(op: str, x: torch.Tensor, weight: torch.Tensor, geom: Conv2dGeometry
             problem,
             allow_functional=x.device.type != "cuda",  # a wall-clock ranking says nothing about a GPU
         )
-        if hit is not None and op == "grad_weight":
-            found = GradWeightChoice.from_dict(hit.config, argument="cached grad_weight choice")
-            if found.method == "conv_identity" and grad_mode == "exact":
-                raise ValueError("cached grad_weight choice: method 'conv_identity' cannot compute grad_mode='exact'")
-        elif hit is not None:
-            found = KernelConfig.from_dict(hit.config, argument=f"cached {op} config")
-    except (OSError, ValueError, TypeError) as error:
+        # The cache returns only entries `accept_entry` took (it warned once about the others), so this parses.
+        found = None if hit is None else parse_config(op, hit.config, grad_mode)
+    except (OSError, ValueError, TypeError) as error:  # never let the cache break a forward
         warnings.warn(f"ignoring the tuning cache for {op}: {error}", RuntimeWarning, stacklevel=3)
         found = None
     _memo[key] = found

@@ -115,7 +115,8 @@ def tune_model(
         )  # fmt: skip
         if hit is not None and not force:
             row.status = "cached" + (" (shipped)" if hit.source == "shipped" else "")
-            row.config, row.time_s, row.default_time_s = hit.config, hit.entry["time_s"], hit.entry["default_time_s"]
+            row.config, row.time_s = hit.config, hit.entry.get("time_s")  # optional fields of an entry
+            row.default_time_s = hit.entry.get("default_time_s")
             rows.append(row)
             continue
         tunable = make_tunable(op, problem, dtype, device, channels_last, quick, grad_mode, screen_arch)

@@ -35,6 +35,9 @@ class KernelConfig:
 
     def validate(self, argument: str = "config") -> KernelConfig:
         """Raise ValueError naming `argument` and the accepted values if any knob is invalid."""
+        for field in fields(self):  # exact ints: True == 1 and 64.0 == 64 would pass the checks below
+            if type(getattr(self, field.name)) is not int:
+                raise ValueError(f"{argument}.{field.name} must be an int, got {getattr(self, field.name)!r}")
         lo, hi = self.BLOCK_RANGE
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
@@ -60,6 +63,9 @@ class KernelConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"{argument} has unknown keys {sorted(unknown)}; accepted: {sorted(known)}")
+        missing = {"block_m", "block_n", "block_k"} - set(values)
+        if missing:
+            raise ValueError(f"{argument} lacks {sorted(missing)}")
         return cls(**values).validate(argument)
 
 
