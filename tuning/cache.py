@@ -423,25 +423,14 @@ class TuningCache:
                 "device": self.identity.as_dict(),
                 "entries": [current[k] for k in sorted(current)],
             }
-            handle, tmp = self._temp_file()
-            try:
-                with handle:
-                    json.dump(document, handle, indent=1, sort_keys=True)
-                    handle.write("\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            replace_text(self.path, json.dumps(document, indent=1, sort_keys=True) + "\n")
         self._user = current
         self._families = None
 
     def check_writable(self) -> None:
         """Raise CacheLocationError unless `store` can write here (a tuner calls it before spending hours)."""
         with self._writing():
-            handle, tmp = self._temp_file()
+            handle, tmp = _temp_file(self.path)
             handle.close()
             os.unlink(tmp)
 
@@ -463,9 +452,26 @@ class TuningCache:
         except OSError as error:
             raise CacheLocationError(f"{where}: {_why(error)}") from error
 
-    def _temp_file(self):
-        """(text handle, path) of a new temp file beside the cache file, mode 0o666 less the umask as for any new file
-        (tempfile.mkstemp would make it 0600, and os.replace keeps that); O_EXCL: never someone else's file."""
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        return os.fdopen(fd, "w"), tmp
+
+def _temp_file(path: Path):
+    """(text handle, path) of a new temp file beside `path`, mode 0o666 less the umask as for any new file
+    (tempfile.mkstemp would make it 0600, and os.replace keeps that); O_EXCL: never someone else's file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    return os.fdopen(fd, "w"), tmp
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically: a temp file beside it, synced, then os.replace, so a reader (or a
+    crash) sees the old file or the new one, never half of one; the new file's mode follows the umask."""
+    handle, tmp = _temp_file(Path(path))
+    try:
+        with handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

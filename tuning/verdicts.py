@@ -22,17 +22,16 @@ entry replaces one with the same key) and writes it atomically. Never pickle.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cache import replace_text
 from .prune import ScreenResult
 from .space import config_key
 
@@ -160,13 +159,5 @@ def write_verdicts(path: str | os.PathLike, triton_version: str, target: str, en
     text = _canonical(header)[:-1] + ',"entries":[\n' + ",\n".join(_canonical(current[k]) for k in sorted(current))
     text += "\n]}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_text(path, text)
     return len(current)
