@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
 from triton_adder.contract import GRAD_MODES
+from triton_adder.models import consumers
 from triton_adder.nn import Adder2d, Adder2dSame
 
 TIMM_CONV2D_SAME = ("timm.layers.conv2d_same", "Conv2dSame")
 """timm's TF-style "same" convolution, matched by module and class name so timm is never imported here."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDecision:
+    """What `convert(..., report=True)` did with one convolution (one record per name of a shared module)."""
+
+    name: str
+    decision: str  # "converted", "converted_with_norm" or "kept"
+    reason: str
 
 
 def convert(
@@ -25,7 +36,11 @@ def convert(
     grad_mode: str = "paper",
     inplace: bool = False,
     mapping: Mapping[type, Callable[[nn.Conv2d], nn.Module]] | None = None,
-) -> nn.Module:
+    analyse: bool = True,
+    example_input=None,
+    insert_norm: bool = False,
+    report: bool = False,
+):
     """Replace each `nn.Conv2d` of `model` by an `Adder2d` with the same hyperparameters.
 
     The adder layer gets the convolution's in/out channels, kernel size, stride, padding,
@@ -61,8 +76,28 @@ def convert(
     - shared modules (one convolution under several names): one adder layer under all the names.
     - padding_mode other than "zeros", or a lazy convolution not run yet: ValueError.
 
-    Returns the converted model. Its adder parameters are new tensors: build the optimizer after
-    converting. Raises ValueError for a convolution with padding_mode other than "zeros" (AdderNet
+    Where each convolution's output goes decides the rest (analyse=True, the default; see
+    `triton_adder.models.consumers`). An adder layer's output ``bias - sum|x - w|`` is never positive with a zero
+    bias, so an adder layer only learns when a normalisation recentres its output:
+
+    - followed by a normalisation (BatchNorm, GroupNorm, LayerNorm, also after a reshape or permute as in
+      ConvNeXt, timm's norm-act modules included): converted, as in the paper's networks.
+    - fully connected, i.e. its input is 1x1 spatially (squeeze-excitation, classifier heads), and no
+      normalisation after it: kept, as the paper keeps fully connected layers.
+    - its output reaches an activation, a gate (sigmoid, multiply) or an addition first: kept, with one warning
+      listing these layers (a ReLU after it would output 0 and pass no gradient); with insert_norm=True
+      converted to ``nn.Sequential(adder, nn.BatchNorm2d(out_channels))`` instead (names gain ".0" / ".1").
+    - otherwise (into a linear layer or the model's output): converted.
+
+    The analysis runs `model` once on example_input (a tensor or tuple of arguments; eval mode, no gradients;
+    shapes are real) when given, else it traces `model` with torch.fx (no input; 1x1 inputs are inferred from
+    global pooling). If fx cannot trace the model and no example_input is given, every convolution is
+    converted as with analyse=False, with one warning saying why. analyse=False: convert every convolution
+    keep_first / keep_last / exclude / the class rules allow (the behaviour before this analysis).
+    report=True: return (model, [LayerDecision(name, decision, reason), ...]) in `named_modules()` order.
+
+    Returns the converted model (and the report when asked). Its adder parameters are new tensors: build the
+    optimizer after converting. Raises ValueError for a convolution with padding_mode other than "zeros" (AdderNet
     defines only zero padding; keep it with `exclude`) or an uninitialised lazy convolution.
     """
     if grad_mode not in GRAD_MODES:
@@ -83,25 +118,45 @@ def convert(
     unknown = sorted(exclude.difference(conv_names))
     if unknown:
         raise ValueError(f"exclude names modules that are not nn.Conv2d in the model: {unknown}")
-    keep = {id(module) for name, module in convs if name in exclude}
-    if convs and keep_first:
-        keep.add(id(convs[0][1]))
+    kept_by = {id(module): "excluded" for name, module in convs if name in exclude}
     if convs and keep_last:
-        keep.add(id(convs[-1][1]))
+        kept_by.setdefault(id(convs[-1][1]), "keep_last")
+    if convs and keep_first:
+        kept_by.setdefault(id(convs[0][1]), "keep_first")
+    verdicts = _analyse(model, example_input) if analyse and convs else None
     replacements: dict[int, nn.Module] = {}
+    decisions: list[LayerDecision] = []
     unconvertible: dict[str, list[str]] = {}
+    unnormalised: list[str] = []
     for name, conv in convs:
-        if id(conv) in keep:
+        if id(conv) in kept_by:
+            decisions.append(LayerDecision(name, "kept", kept_by[id(conv)]))
             continue
+        factory = _factory(type(conv), mapping, copy_weights, grad_mode)
+        if factory is None:
+            cls = type(conv)
+            unconvertible.setdefault(f"{cls.__module__}.{cls.__qualname__}", []).append(name)
+            decisions.append(LayerDecision(name, "kept", "its class has its own forward or _conv_forward"))
+            continue
+        if verdicts is None:
+            verdict, reason = "free", "consumer analysis " + ("off (analyse=False)" if not analyse else "skipped")
+        else:
+            verdict, reason = verdicts.get(id(conv), ("free", "not called in the analysed forward pass"))
+        if verdict == "fully_connected" or (verdict == "unnormalised" and not insert_norm):
+            decisions.append(LayerDecision(name, "kept", reason))
+            if verdict == "unnormalised":
+                unnormalised.append(f"{name} ({reason.removeprefix('output reaches ').split(' without')[0]})")
+            continue
+        with_norm = verdict == "unnormalised"
+        decisions.append(LayerDecision(name, "converted_with_norm" if with_norm else "converted", reason))
         if id(conv) not in replacements:
-            factory = _factory(type(conv), mapping, copy_weights, grad_mode)
-            if factory is None:
-                cls = type(conv)
-                unconvertible.setdefault(f"{cls.__module__}.{cls.__qualname__}", []).append(name)
-                continue
-            replacements[id(conv)] = factory(name, conv)
+            adder = factory(name, conv)
+            if with_norm:
+                norm = nn.BatchNorm2d(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype)
+                adder = nn.Sequential(adder, norm.train(conv.training))
+            replacements[id(conv)] = adder
         if name == "":  # the model itself is a convolution
-            return replacements[id(conv)]
+            return (replacements[id(conv)], decisions) if report else replacements[id(conv)]
         parent_name, _, child_name = name.rpartition(".")
         model.get_submodule(parent_name).add_module(child_name, replacements[id(conv)])
     if unconvertible:
@@ -113,7 +168,35 @@ def convert(
             UserWarning,
             stacklevel=2,
         )
-    return model
+    if unnormalised:
+        warnings.warn(
+            f"convert kept {len(unnormalised)} convolution(s) whose output reaches an activation, a gate or an "
+            "addition without a normalisation, where an adder layer (output bias - sum|x - w|, never positive "
+            f"with a zero bias) would get no gradient or close the gate: {', '.join(unnormalised)}; "
+            "pass insert_norm=True to convert them with a BatchNorm2d after each, or exclude=[...] to keep them "
+            "without this warning",
+            UserWarning,
+            stacklevel=2,
+        )
+    return (model, decisions) if report else model
+
+
+def _analyse(model: nn.Module, example_input) -> dict | None:
+    """`consumers.decide` on the model's graph, or None (with one warning) when fx cannot trace it."""
+    if example_input is not None:
+        return consumers.decide(consumers.run_graph(model, example_input))
+    try:
+        nodes = consumers.fx_graph(model)
+    except Exception as error:  # noqa: BLE001 - fx raises many kinds (TraceError, TypeError, assertions, ...)
+        warnings.warn(
+            f"convert skipped the consumer analysis (which convolutions feed a normalisation, an activation or a "
+            f"gate) because torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {error}; "
+            "every convolution is converted as with analyse=False; pass example_input=... to analyse it by running it",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    return consumers.decide(nodes)
 
 
 def _factory(cls: type, mapping: dict, copy_weights: bool, grad_mode: str):

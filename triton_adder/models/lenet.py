@@ -42,9 +42,14 @@ class LeNet5BN(nn.Module):
         x = self.pool(self.relu(self.bn1(self.conv1(x))))
         x = self.pool(self.relu(self.bn2(self.conv2(x))))
         x = self.relu(self.bn3(self.conv3(x)))
-        x = self.relu(self.bn4(self.conv4(x)))
-        if x.shape[-2:] != (1, 1):
-            # Otherwise flatten(1) would silently return Cout*H*W "logits" per image.
-            h, w = x.shape[-2:]
-            raise ValueError(f"LeNet-5-BN needs 28x28 inputs (1x1 before the classifier); this input gave {h}x{w}")
+        x = _check_one_by_one(self.relu(self.bn4(self.conv4(x))))
         return self.bn5(self.fc(x)).flatten(1)
+
+
+@torch.fx.wrap  # a leaf for torch.fx (convert's trace): a shape test cannot be traced symbolically
+def _check_one_by_one(x: torch.Tensor) -> torch.Tensor:
+    """x unchanged if its map is 1x1; otherwise flatten(1) would silently return Cout*H*W "logits" per image."""
+    if x.shape[-2:] != (1, 1):
+        h, w = x.shape[-2:]
+        raise ValueError(f"LeNet-5-BN needs 28x28 inputs (1x1 before the classifier); this input gave {h}x{w}")
+    return x

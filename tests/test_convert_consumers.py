@@ -1,0 +1,313 @@
+"""`convert` decides per convolution from what consumes its output (issue 26), and `trainability.check` shows it.
+
+Hand-written miniatures of the torchvision/timm patterns that left converted networks untrainable: SqueezeNet's
+fire module and AlexNet (conv -> ReLU), MobileNetV3's squeeze-excitation (1x1 convs on a 1x1 map, Hardsigmoid gate),
+a ResNet basic block, a ConvNeXt block (conv -> permute -> LayerNorm) and a classifier conv on a pooled map.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from triton_adder import Adder2d, convert
+from triton_adder.backends import use_backend
+from triton_adder.backends.cpu import common
+from triton_adder.models.trainability import check
+
+CLASSES = 4
+
+
+@pytest.fixture(autouse=True)
+def eager_cpu_path(monkeypatch):
+    # The chunked eager CPU path: compiling each tiny layer shape would dominate these tests.
+    monkeypatch.setenv(common.COMPILE_ENV, "0")
+    with use_backend("cpu"):
+        yield
+
+
+class Fire(nn.Module):
+    def __init__(self, cin, squeeze, expand):
+        super().__init__()
+        self.squeeze, self.squeeze_act = nn.Conv2d(cin, squeeze, 1), nn.ReLU(inplace=True)
+        self.expand1x1, self.expand1x1_act = nn.Conv2d(squeeze, expand, 1), nn.ReLU(inplace=True)
+        self.expand3x3, self.expand3x3_act = nn.Conv2d(squeeze, expand, 3, padding=1), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.squeeze_act(self.squeeze(x))
+        return torch.cat([self.expand1x1_act(self.expand1x1(x)), self.expand3x3_act(self.expand3x3(x))], 1)
+
+
+class TinySqueezeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True),
+            Fire(8, 4, 4), Fire(8, 4, 4),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Dropout(0.0), nn.Conv2d(8, CLASSES, 1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1)
+        )
+
+    def forward(self, x):
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+def tiny_alexnet():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES),
+    )  # fmt: skip
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision's: fully connected layers written as 1x1 convolutions on the pooled 1x1 map."""
+
+    def __init__(self, channels, squeeze):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.activation = nn.Conv2d(channels, squeeze, 1), nn.ReLU()
+        self.fc2, self.scale_activation = nn.Conv2d(squeeze, channels, 1), nn.Hardsigmoid()
+
+    def forward(self, x):
+        return self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x))))) * x
+
+
+def conv_bn_act(cin, cout, kernel=1, groups=1, stride=1, act=nn.Hardswish):
+    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, *([act()] if act else []))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, channels, expanded):
+        super().__init__()
+        self.block = nn.Sequential(
+            conv_bn_act(channels, expanded),
+            conv_bn_act(expanded, expanded, 3, groups=expanded),
+            SqueezeExcitation(expanded, 8),
+            conv_bn_act(expanded, channels, act=None),
+        )
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class TinyMobileNetV3(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn_act(3, 8, 3, stride=2), InvertedResidual(8, 16), InvertedResidual(8, 16), conv_bn_act(8, 16)
+        )
+        self.avgpool, self.classifier = nn.AdaptiveAvgPool2d(1), nn.Linear(16, CLASSES)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += self.downsample(x)
+        return self.relu(out)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm, self.act = nn.LayerNorm(dim), nn.GELU()
+        self.pwconv1, self.pwconv2 = nn.Linear(dim, 16), nn.Linear(16, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
+
+    def forward(self, x):
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1)))))
+        return x + (self.gamma * y).permute(0, 3, 1, 2)
+
+
+class PooledHead(nn.Module):
+    """Conv features, global pooling, then a 1x1 convolution as the classifier (a fully connected layer)."""
+
+    def __init__(self, stem=None):
+        super().__init__()
+        self.stem = stem or conv_bn_act(3, 8, 3, act=nn.ReLU)
+        self.body = nn.Sequential(BasicBlock(8, 8, 2), ConvNeXtBlock(8))
+        self.pool, self.head = nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, CLASSES, 1)
+
+    def forward(self, x):
+        return self.head(self.pool(self.body(self.stem(x)))).flatten(1)
+
+
+class Untraceable(PooledHead):
+    """Data-dependent control flow, which torch.fx cannot trace."""
+
+    def forward(self, x):
+        if x.sum() > -1e30:
+            x = x * 1.0
+        return super().forward(x)
+
+
+def _decisions(model, **kwargs):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        converted, report = convert(model, report=True, **kwargs)
+    return converted, {r.name: (r.decision, r.reason) for r in report}, [str(w.message) for w in record]
+
+
+def _batch(seed=0, size=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 3, size, size, generator=g), torch.arange(8) % CLASSES
+
+
+X = _batch()[0]
+ANALYSES = pytest.mark.parametrize("example_input", [None, X], ids=["fx", "example_input"])
+
+
+@ANALYSES
+def test_squeezenet_fire_convs_feed_relu_and_are_kept_with_one_warning(example_input):
+    converted, decisions, messages = _decisions(TinySqueezeNet(), example_input=example_input)
+    fire = [f"features.{i}.{c}" for i in (3, 4) for c in ("squeeze", "expand1x1", "expand3x3")]
+    assert decisions["features.0"] == ("kept", "keep_first") and decisions["classifier.1"] == ("kept", "keep_last")
+    kept = ("kept", "output reaches ReLU without a normalisation")
+    assert {name: decisions[name] for name in fire} == dict.fromkeys(fire, kept)
+    assert not any(isinstance(m, Adder2d) for m in converted.modules())
+    assert len(messages) == 1 and "insert_norm=True" in messages[0] and all(f"{n} (ReLU)" in messages[0] for n in fire)
+
+
+@ANALYSES
+def test_alexnet_convs_before_relu_are_kept_and_insert_norm_converts_them_with_batchnorm(example_input):
+    _, decisions, messages = _decisions(tiny_alexnet(), example_input=example_input)
+    assert decisions["3"] == ("kept", "output reaches ReLU without a normalisation") and len(messages) == 1
+    converted, decisions, messages = _decisions(tiny_alexnet(), example_input=example_input, insert_norm=True)
+    assert messages == [] and decisions["3"][0] == "converted_with_norm" and decisions["6"][0] == "kept"
+    layer = converted[3]
+    assert isinstance(layer, nn.Sequential) and isinstance(layer[0], Adder2d) and isinstance(layer[1], nn.BatchNorm2d)
+    assert converted(X).shape == (8, CLASSES)
+
+
+@ANALYSES
+def test_mobilenet_se_convs_are_fully_connected_and_kept_the_rest_converted(example_input):
+    converted, decisions, messages = _decisions(TinyMobileNetV3(), example_input=example_input)
+    assert messages == []
+    for block in ("features.1.block", "features.2.block"):
+        assert decisions[f"{block}.0.0"] == ("converted", "followed by BatchNorm2d")
+        assert decisions[f"{block}.1.0"] == ("converted", "followed by BatchNorm2d")
+        assert decisions[f"{block}.3.0"] == ("converted", "followed by BatchNorm2d")
+        for fc in ("fc1", "fc2"):
+            assert decisions[f"{block}.2.{fc}"] == ("kept", "fully connected (its input is 1x1 spatially)")
+            assert type(converted.get_submodule(f"{block}.2.{fc}")) is nn.Conv2d
+
+
+@ANALYSES
+def test_resnet_convnext_and_pooled_head_decisions(example_input):
+    converted, decisions, messages = _decisions(PooledHead(), example_input=example_input, keep_last=False)
+    assert messages == []
+    assert decisions == {
+        "stem.0": ("kept", "keep_first"),
+        "body.0.conv1": ("converted", "followed by BatchNorm2d"),
+        "body.0.conv2": ("converted", "followed by BatchNorm2d"),
+        "body.0.downsample.0": ("converted", "followed by BatchNorm2d"),
+        "body.1.dwconv": ("converted", "followed by LayerNorm"),  # through the permute
+        "head": ("kept", "fully connected (its input is 1x1 spatially)"),
+    }
+    assert isinstance(converted.body[1].dwconv, Adder2d)
+
+
+class GateAndPreActivation(nn.Module):
+    """Spatial attention (conv -> sigmoid -> multiply) and a pre-activation residual (conv -> add, no norm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.attention = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 1, 3, padding=1)
+        self.bn, self.residual, self.head = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x * torch.sigmoid(self.attention(x))
+        return self.head(x + self.residual(torch.relu(self.bn(x))))
+
+
+@ANALYSES
+def test_gate_and_addition_without_norm_are_kept(example_input):
+    _, decisions, messages = _decisions(GateAndPreActivation(), example_input=example_input)
+    assert decisions["attention"] == ("kept", "output reaches sigmoid without a normalisation")
+    assert decisions["residual"] == ("kept", "output reaches add without a normalisation")
+    assert len(messages) == 1 and "attention (sigmoid), residual (add)" in messages[0]
+
+
+class TimmSqueezeExcite(nn.Module):
+    """timm's: a keepdim mean instead of a pooling module, SiLU, and a sigmoid gate through a tensor method."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.conv_reduce, self.conv_expand = nn.Conv2d(channels, 4, 1), nn.Conv2d(4, channels, 1)
+
+    def forward(self, x):
+        x_se = self.conv_expand(nn.functional.silu(self.conv_reduce(torch.mean(x, (2, 3), keepdim=True))))
+        return x * x_se.sigmoid()
+
+
+@ANALYSES
+def test_timm_style_squeeze_excite_is_fully_connected(example_input):
+    model = nn.Sequential(conv_bn_act(3, 8, 3), TimmSqueezeExcite(), conv_bn_act(8, 8, 3), TimmSqueezeExcite())
+    _, decisions, messages = _decisions(model, example_input=example_input, keep_last=False)
+    assert messages == [] and decisions["2.0"] == ("converted", "followed by BatchNorm2d")
+    for name in ("1.conv_reduce", "1.conv_expand", "3.conv_reduce", "3.conv_expand"):
+        assert decisions[name] == ("kept", "fully connected (its input is 1x1 spatially)"), name
+
+
+def test_untraceable_model_falls_back_with_one_warning_unless_given_an_example_input():
+    converted, decisions, messages = _decisions(Untraceable(), keep_last=False)
+    assert len(messages) == 1 and "torch.fx could not trace Untraceable" in messages[0]
+    assert decisions["head"] == ("converted", "consumer analysis skipped") and isinstance(converted.head, Adder2d)
+    _, decisions, messages = _decisions(Untraceable(), keep_last=False, example_input=X)
+    assert messages == [] and decisions["head"][0] == "kept" and decisions["body.1.dwconv"][0] == "converted"
+
+
+def test_default_return_is_the_model_and_analyse_false_is_the_old_behaviour():
+    assert isinstance(convert(TinyMobileNetV3()), TinyMobileNetV3)
+    _, decisions, messages = _decisions(TinySqueezeNet(), analyse=False)
+    assert messages == [] and decisions["features.3.squeeze"] == ("converted", "consumer analysis off (analyse=False)")
+
+
+@pytest.mark.parametrize(
+    "build, kwargs", [(TinySqueezeNet, {"insert_norm": True}), (TinyMobileNetV3, {})], ids=["squeezenet", "mobilenet"]
+)
+def test_converted_model_learns_and_forcing_every_conv_leaves_dead_layers(build, kwargs):
+    torch.manual_seed(0)
+    cnn, batch = build(), _batch()
+    result = check(cnn, convert(cnn, **kwargs), batch, steps=30)
+    assert result.adders > 0 and result.dead == [], result
+    assert result.loss_end < 0.5 * result.loss_start, result
+    forced = check(cnn, convert(cnn, analyse=False), batch, steps=5)
+    assert forced.dead, forced  # fire convs before ReLU; the SE's first fc before ReLU and the layers it gates
+    assert not forced.learns()
+
+
+def test_converted_model_runs_under_torch_compile_and_bf16_autocast():
+    torch.manual_seed(0)
+    model = convert(TinyMobileNetV3())
+    x = X[:2, :, :8, :8]
+    eager = model(x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # dynamo + AOT autograd, no C++ build
+    got = compiled(x)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+    got.sum().backward()
+    adders = [m for m in model.modules() if isinstance(m, Adder2d)]
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in adders)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert torch.isfinite(out.float()).all() and all(torch.isfinite(m.weight.grad).all() for m in adders)
+    assert all(m.weight.grad.abs().sum() > 0 for m in adders)

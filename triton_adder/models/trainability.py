@@ -1,0 +1,78 @@
+"""Does a converted model learn? A quick check anyone can run after `triton_adder.convert`.
+
+Converting a CNN keeps its architecture, and an adder layer whose output (never positive with a zero bias) feeds a
+ReLU or a gate gets no gradient, silently: training runs, the loss just stays where it started. `check` shows both
+symptoms on one small batch: which adder layers get an all-zero weight gradient where the convolution they replaced
+gets a non-zero one, and whether the model can overfit the batch at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+from triton_adder.nn import Adder2d
+from triton_adder.optim import adaptive_lr_
+
+
+@dataclasses.dataclass
+class Trainability:
+    loss_start: float  # cross-entropy on the batch before the first step
+    loss_end: float  # after the last step
+    dead: list[str]  # adder layers with an all-zero weight gradient whose convolution's gradient is non-zero
+    adders: int  # adder layers in the model
+
+    def learns(self, ratio: float = 0.5) -> bool:
+        """No dead adder layer, and the loss fell below `ratio` times its start."""
+        return not self.dead and self.loss_end < ratio * self.loss_start
+
+
+def _weight_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    return {name: m.weight.grad for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, Adder2d))}
+
+
+def check(
+    model_cnn: nn.Module,
+    model_adder: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    *,
+    steps: int = 30,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    eta: float = 0.2,
+) -> Trainability:
+    """Dead adder layers after one backward, and the loss before and after overfitting `batch` for `steps` steps.
+
+    batch: (inputs, class labels); the models map inputs to logits (cross-entropy loss). Both models are copied
+    (train mode), so the caller's are untouched. An adder layer named "a.b" (or "a.b.0", as `insert_norm` wraps it)
+    is compared with the convolution "a.b" of model_cnn. The overfitting is SGD (lr, momentum) with
+    `triton_adder.adaptive_lr_(model, eta)` after each backward, the paper's recipe.
+    """
+    x, y = batch
+    cnn, adder = copy.deepcopy(model_cnn).train(), copy.deepcopy(model_adder).train()
+    cnn_grads, adder_grads = _weight_grads(cnn, x, y), _weight_grads(adder, x, y)
+    dead = []
+    for name, module in adder.named_modules():
+        if not isinstance(module, Adder2d):
+            continue
+        original = cnn_grads.get(name, cnn_grads.get(name.removesuffix(".0")))
+        grad = adder_grads[name]
+        if original is not None and original.abs().sum() > 0 and (grad is None or not grad.abs().sum() > 0):
+            dead.append(name)
+    optimizer = torch.optim.SGD(adder.parameters(), lr=lr, momentum=momentum)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(adder(x), y)
+        loss.backward()
+        adaptive_lr_(adder, eta)
+        optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        losses.append(nn.functional.cross_entropy(adder(x), y).item())
+    return Trainability(losses[0], losses[-1], dead, sum(isinstance(m, Adder2d) for m in adder.modules()))
