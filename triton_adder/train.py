@@ -12,7 +12,10 @@ Each run writes, under ``--output-dir`` (default runs/RUN; results/mnist holds t
 runs), with RUN its name (e.g. ``lenet5bn-adder-paper-alr``):
 - RUN.json: the settings, the final held-out accuracy and loss, wall time, machine;
 - RUN.csv: one row per epoch (train loss/accuracy, held-out loss/accuracy, learning rate, time);
-- RUN.pt: the final state dict (LeNet-5-BN: ~250 KB), for the weight histograms.
+- RUN.pt: the final state dict (LeNet-5-BN: ~250 KB), for the weight histograms;
+- RUN.ckpt: the checkpoint after the last completed epoch, which ``--resume`` continues from.
+A folder already holding a run's files is not written over unless ``--resume`` (continue it from its
+checkpoint, which must be this run's) or ``--overwrite`` (start it again) says so.
 
 ``python -m triton_adder.train --figures`` does not train: from the runs already in --output-dir it
 writes accuracies.json (every run's final accuracies and times) and draws Figure 3 (AdderNet
@@ -52,7 +55,7 @@ from triton_adder.contract import GRAD_MODES
 from triton_adder.measure.machine import machine_metadata
 from triton_adder.models import build
 from triton_adder.nn import Adder2d
-from triton_adder.training import datasets, distributed, loop, recipes
+from triton_adder.training import checkpoint, datasets, distributed, loop, recipes
 
 MODELS = tuple(recipes.MODEL_DATA)
 # Where the committed MNIST runs live (--figures reads them; training writes to runs/RUN by default,
@@ -64,6 +67,10 @@ FIGURE3_RUNS = {  # label -> run name; the paper's Figure 3 legend
     "full-precision + adaptive lr": "lenet5bn-adder-paper-alr",
 }
 FIGURE4_RUNS = {"AdderNet": "lenet5bn-adder-paper-alr", "CNN": "lenet5bn-cnn"}
+
+
+class RunExistsError(FileExistsError):
+    """The output folder already holds this run's files and neither resume nor overwrite was asked for."""
 
 
 def run_name(
@@ -135,6 +142,7 @@ def train(
     device: str | None = None,
     workers: int = 8,
     resume: bool = False,
+    overwrite: bool = False,
     output_dir: str | os.PathLike | None = None,
     progress: bool = True,
     command_line: str | None = None,
@@ -146,6 +154,10 @@ def train(
     train_subset: the first N training images only (tests). output_dir: where RUN.json/.csv/.pt and
     RUN.ckpt go (None: runs/RUN; "": nothing written). Under torchrun only rank 0
     writes; the summary's "world_size" says how many processes trained.
+
+    resume: continue from RUN.ckpt (`checkpoint.CheckpointError` if it is damaged or another run's; without
+    one, a warning and a fresh run). overwrite: delete this run's files in output_dir and start again. With
+    neither, existing files of this run raise `RunExistsError` before any work.
     """
     if model_name not in MODELS:
         raise ValueError(f"model_name must be one of {MODELS}, got {model_name!r}")
@@ -159,6 +171,28 @@ def train(
         raise ValueError(f"epochs must be a positive int, got {options['epochs']!r}")
     adaptive_lr = adaptive_lr and adder
     name = run_name(model_name, adder, grad_mode, adaptive_lr, source)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run, or start it again")
+    out = Path("runs") / name if output_dir is None else Path(output_dir) if output_dir != "" else None
+    checkpoint_path = None if out is None else out / f"{name}.ckpt"
+    # What the checkpoint belongs to: resuming with any of these changed would continue another run (the model,
+    # its gradients, its data and order, or its learning-rate schedule, whose length the epochs fix). amp,
+    # channels_last, the device and the process count only change how the same run is computed.
+    run = {"run": name, "model": model_name, "adder": adder, "grad_mode": grad_mode if adder else None,
+           "adaptive_lr": adaptive_lr, "data": source, "train_subset": train_subset, "seed": seed,
+           **options, "eta": options["eta"] if adaptive_lr else None}  # fmt: skip
+    resumed = resume and checkpoint_path is not None and checkpoint_path.exists()
+    if resume and not resumed and int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: --resume: no checkpoint {checkpoint_path}; training from scratch", file=sys.stderr)
+    # Read (and check) the checkpoint before loading any data, so a wrong one fails at once.
+    resume_from = checkpoint.load(checkpoint_path, run) if resumed else None
+    outputs = [] if out is None else [out / f"{name}{suffix}" for suffix in (".json", ".csv", ".pt", ".ckpt")]
+    existing = [path for path in outputs if path.exists()]
+    if existing and not resumed and not overwrite:
+        raise RunExistsError(
+            f"{out} already holds run {name} ({', '.join(path.name for path in existing)}): "
+            "pass --resume to continue it from its checkpoint, or --overwrite to replace it"
+        )
     context = distributed.setup(device)
     try:
         torch.manual_seed(seed)
@@ -169,12 +203,15 @@ def train(
             momentum=options["momentum"], weight_decay=options["weight_decay"],
             eta=options["eta"] if adaptive_lr else None, amp=amp, channels_last=channels_last,
         )  # fmt: skip
-        out = Path("runs") / name if output_dir is None else Path(output_dir) if output_dir != "" else None
+        if overwrite and context.main:
+            # Delete now, not as each file is rewritten: a run killed early must not leave the old checkpoint
+            # (or summary) behind, where --resume would take it for this run's.
+            for path in existing:
+                path.unlink()
         cpu_start, load_start = time.process_time(), os.getloadavg()[0]
         model, curve = loop.fit(
             model, dataset, settings, context,
-            checkpoint_path=None if out is None else out / f"{name}.ckpt",
-            resume=resume,
+            checkpoint_path=checkpoint_path, resume_from=resume_from, run=run,
             on_epoch=None if out is None else (lambda rows: write_curve(out, name, rows)),
             progress=(lambda total, text: EpochProgress(total, f"{name} {text}")) if progress else None,
         )  # fmt: skip
@@ -184,7 +221,7 @@ def train(
             "adaptive_lr": adaptive_lr, **options, "eta": options["eta"] if adaptive_lr else None,
             "schedule": "cosine per step, lr -> 0", "seed": seed, "data": source,
             "train_images": train_images, "held_out_images": held_out_images, "amp": amp,
-            "channels_last": channels_last, "world_size": context.world_size, "resumed": resume,
+            "channels_last": channels_last, "world_size": context.world_size, "resumed": resumed,
             "held_out_accuracy": curve[-1]["held_out_accuracy"], "held_out_loss": curve[-1]["held_out_loss"],
             "train_accuracy": curve[-1]["train_accuracy"],
             "wall_time_s": round(curve[-1]["elapsed_s"], 1),
@@ -387,7 +424,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--workers", type=nonnegative_int, default=8, help="DataLoader workers (--data imagenet)")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN.ckpt in the output directory")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from RUN.ckpt in the output directory")
+    again.add_argument("--overwrite", action="store_true", help="replace this run's files in the output directory")
     parser.add_argument("--output-dir", type=Path, help="default runs/RUN (results/mnist holds the committed runs)")
     parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -412,6 +451,9 @@ def main(argv: list[str] | None = None) -> dict:
     command = shlex.join([sys.executable, "-m", "triton_adder.train", *(sys.argv[1:] if argv is None else argv)])
     try:
         summary = train(**options, command_line=command)
+    except (checkpoint.CheckpointError, RunExistsError) as error:
+        # About files, not arguments: one line, without the usage text.
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     except (ValueError, FileNotFoundError, ImportError) as error:
         parser.error(str(error))
     if int(os.environ.get("RANK", "0")) == 0:

@@ -9,7 +9,7 @@ Each step (the order `optim.adaptive_lr_` is designed for)::
     scaler.step(optimizer); scaler.update(); schedule.step()
 
 The learning rate follows a cosine from `lr` to 0 over epochs * steps, updated every step. After each
-epoch rank 0 writes RUN.csv and the checkpoint (`checkpoint.py`); `resume=True` restarts from the
+epoch rank 0 writes RUN.csv and the checkpoint (`checkpoint.py`); `resume_from` restarts from the
 checkpoint's last completed epoch, and since the data order and augmentation are functions of
 (seed, epoch) (`datasets.py`) the resumed run repeats what the killed one would have done.
 """
@@ -89,13 +89,15 @@ def fit(
     settings: Settings,
     context: distributed.Context,
     checkpoint_path: Path | None = None,
-    resume: bool = False,
+    resume_from: dict | None = None,
+    run: dict | None = None,
     on_epoch=None,
     progress=None,
 ) -> tuple[nn.Module, list[dict]]:
     """Train `model` (on `context.device`) on `dataset` (a `datasets.TensorData`/`FolderData`).
 
-    checkpoint_path: written by rank 0 after every epoch (None: no checkpoints); resume: start from it.
+    checkpoint_path: written by rank 0 after every epoch (None: no checkpoints), recording `run` (what the
+    checkpoint belongs to, `checkpoint.load` checks it); resume_from: a checkpoint (`checkpoint.load`) to start from.
     on_epoch(curve): called on rank 0 after each epoch with the rows so far. progress(total, description):
     a bar factory (`EpochProgress`) used on rank 0, or None. Returns (the trained module, unwrapped from
     DDP; the per-epoch rows).
@@ -112,13 +114,18 @@ def fit(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * steps)
     scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
     start_epoch, curve = 1, []
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
-        state = checkpoint.load(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
+    if resume_from is not None:
+        state = resume_from
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            scaler.load_state_dict(state["scaler"])
+            checkpoint.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            # Its run record matched but its contents do not fit this model (edited or corrupted tensors).
+            message = f"checkpoint {checkpoint_path} does not fit this model ({checkpoint.one_line(error)})"
+            raise checkpoint.CheckpointError(message) from error
         start_epoch, curve = state["epoch"] + 1, list(state["curve"])
     trained = model
     if context.distributed:
@@ -167,6 +174,7 @@ def fit(
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
                     "rng": checkpoint.rng_state(), "epoch": epoch, "step": epoch * steps, "curve": curve,
+                    "run": run or {},
                 })  # fmt: skip
             if on_epoch is not None:
                 on_epoch(curve)
