@@ -389,3 +389,11 @@ def test_cli_reports_a_screen_that_only_raises(cache_dir, monkeypatch, capsys):
     table = [line for line in out.out.splitlines() if " forward " in line]
     assert len(table) == 3 and all("failed (screen failed: screen raised RuntimeError" in line for line in table)
     assert not list(cache_dir.glob("*.json"))
+
+
+def test_weight_gradient_choices_are_shown_with_their_method_and_split():
+    kernel = {"block_m": 64, "block_n": 64, "block_k": 2, "num_warps": 2, "num_stages": 2}
+    assert tune.format_config(kernel) == "64x64x2 w2 s2"
+    assert tune.format_config({**kernel, "method": "triton", "split_k": 4}) == "triton 64x64x2 w2 s2 split 4"
+    assert tune.format_config({**kernel, "method": "conv_identity", "split_k": 1}) == "conv_identity"
+    assert tune.format_config(None) == "-"

@@ -75,9 +75,16 @@ DTYPES = {name: dtype for name, dtype in ALL_DTYPES.items() if dtype in KERNEL_D
 
 
 def format_config(config: dict | None) -> str:
+    """A launch config as "MxNxK wW sS"; a weight-gradient choice also names its method and split
+    (the convolution identity takes no kernel config: "conv_identity")."""
     if not config:
         return "-"
-    return f"{config['block_m']}x{config['block_n']}x{config['block_k']} w{config['num_warps']} s{config['num_stages']}"
+    if config.get("method") == "conv_identity":
+        return "conv_identity"
+    text = f"{config['block_m']}x{config['block_n']}x{config['block_k']} w{config['num_warps']} s{config['num_stages']}"
+    if "method" in config:
+        text = f"{config['method']} {text} split {config['split_k']}"
+    return text
 
 
 def format_time(seconds: float | None) -> str:
