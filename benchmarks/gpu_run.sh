@@ -16,13 +16,14 @@
 # 9; the steps share a deadline of TOTAL_S seconds (default 520), each gets at most its own cap and
 # what is left of the deadline, and is skipped when under 15 s remain. Then give the machine back,
 # or rerun only some steps at once while it is warm (30 s), e.g.
-# `run(command="TOTAL_S=200 bash benchmarks/gpu_run.sh report", timeout_s=240)`.
+# `run(command="TOTAL_S=200 bash benchmarks/gpu_run.sh report", timeout_s=240)` (each call starts with
+# an empty tuning cache: a report rerun alone times the default and shipped configs).
 # Steps (default: all, in this order; cap in seconds) and the question each answers:
 #
-#     info             20  does the package import on the image? nvidia-smi, torch/Triton/cuDNN/CUDA
+#     info             40  does the package import on the image? nvidia-smi, torch/Triton/cuDNN/CUDA
 #                          versions, device properties; imports every module the later steps use
 #                          and fails the run (exit 1) when one does not import
-#     tests           130  are the kernels right on a GPU? pytest, compiled for the GPU (xdist,
+#     tests           110  are the kernels right on a GPU? pytest, compiled for the GPU (xdist,
 #                          per-test timeout): $GPU_TESTS -- forward/backward kernels,
 #                          channels_last and strided inputs, float16/bfloat16, autocast, float64
 #                          on CUDA (the torch backend), the convolution identity
@@ -36,13 +37,13 @@
 #     tune            100  tuned vs default: python -m triton_adder.tune --model $MODEL --ops
 #                          $TUNE_OPS --budget-s $TUNE_BUDGET_S --no-report; problems in order of
 #                          their share of the model's work, the cache saved after every winner, so
-#                          a timeout keeps what was tuned (the largest problems); the table prints
-#                          the speedup per problem; a timeout here is expected, not a failure of
-#                          what was stored
-#     report           90  the whole model: the report (report.html + results.csv/json, batch
-#                          $TUNE_BATCH, quick unless REPORT_QUICK=0) with the tuned configs, through
-#                          `triton_adder.tune --report` when the tune step finished (its tuning table
-#                          included), else `triton_adder.bench`
+#                          a timeout keeps what was tuned (the largest problems; 22 forward problems
+#                          at 10 s do not fit in 100 s, so expect "partial"); a "stored" line per
+#                          winner gives its time, the default's and the speedup as it happens
+#     report           90  the whole model: python -m triton_adder.bench (report.html +
+#                          results.csv/json, batch $TUNE_BATCH, quick unless REPORT_QUICK=0), with
+#                          the configs the tune step stored where it stored one (the same command the
+#                          rehearsal runs)
 #
 # What comes back in $OUT (flat): gpu_run.log (everything printed; its summary last),
 # kernel_vs_cudnn_<device>.csv/.json, the tuning cache <GPU>__sm90__triton-<v>.json and
@@ -60,7 +61,8 @@
 #
 # Environment: OUT (default /tmp/gpu_run_out), TOTAL_S (520; 1500 in a rehearsal), MODEL
 # (resnet50; lenet5bn in a rehearsal), TUNE_BUDGET_S (10), TUNE_OPS (fwd), TUNE_BATCH (64; 2),
-# REPORT_QUICK (1), PYTHON (python3), PYTEST_WORKERS (8), KVC_ARGS.
+# REPORT_QUICK (1), PYTHON (python3), PYTEST_WORKERS (8), KVC_ARGS, TUNE_CAP_S (100; a tune-only lease:
+# `TOTAL_S=540 TUNE_CAP_S=520 bash benchmarks/gpu_run.sh tune`).
 # Exit status: 0 when every step that ran succeeded and produced its files, else 1 (the summary
 # names the failing steps). Without a GPU and without REHEARSAL (a dry run) info still imports
 # everything, kernel_vs_cudnn exits cleanly, and the GPU steps are skipped.
@@ -79,6 +81,7 @@ PYTHON=${PYTHON:-python3}
 TUNE_BUDGET_S=${TUNE_BUDGET_S:-10}
 TUNE_OPS=${TUNE_OPS:-fwd}
 REPORT_QUICK=${REPORT_QUICK:-1}
+TUNE_CAP_S=${TUNE_CAP_S:-100}  # the tune step's cap (x5 in a rehearsal, as every cap)
 PYTEST_WORKERS=${PYTEST_WORKERS:-8}
 GPU_TESTS="tests/test_kernel_forward.py tests/test_kernel_backward.py tests/test_functional.py
     tests/test_backends.py tests/test_amp.py tests/test_conv_identity.py"
@@ -94,7 +97,6 @@ else
     KVC_ARGS=${KVC_ARGS:---model resnet50 --batch 64}
 fi
 ALL_STEPS="info tests kernel_vs_cudnn sass tune report"
-TUNE_COMPLETE=0  # 1 once the tune step finished: every problem of TUNE_OPS is then cached
 LAST_STATUS=
 STEPS=${*:-$ALL_STEPS}
 
@@ -156,7 +158,8 @@ run_step() {
         124 | 137) status=TIMEOUT ;;
         *) status="FAILED($rc)" ;;
     esac
-    # PARTIAL_OK=1: a step that stores as it goes (tune) may run out of time; what it stored is checked after.
+    # PARTIAL_OK=1: a step that saves as it goes (tune, kernel_vs_cudnn) may run out of time; what it saved is
+    # checked after (collect_*), and its log lines say what it measured.
     [[ $status == ok ]] || { [[ $status == TIMEOUT && ${PARTIAL_OK:-0} == 1 ]] && status=partial; } || FAILED=1
     LAST_STATUS=$status
     SUMMARY+=("$(printf '%-16s %-9s %5s s' "$name" "$status" $(($(date +%s) - begin)))")
@@ -224,7 +227,8 @@ step_tests() {
     "$PYTHON" -c 'import xdist' 2>/dev/null && extra+=(-n "$PYTEST_WORKERS")
     "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && extra+=(--timeout 120)
     # shellcheck disable=SC2086
-    "$PYTHON" -m pytest -q -p no:cacheprovider -ra "${extra[@]}" $GPU_TESTS
+    # -v: each test's name and outcome as it ends, so a step cut short by its cap still says which failed.
+    "$PYTHON" -m pytest -v -p no:cacheprovider -ra "${extra[@]}" $GPU_TESTS
 }
 
 step_kernel_vs_cudnn() {
@@ -251,18 +255,12 @@ step_tune() {
 }
 
 step_report() {
-    # Both commands write runs/<model>-<device>/ under the working directory: run in $WORK/report.
+    # bench writes runs/<model>-<device>/ under the working directory: run in $WORK/report.
     local quick=()
     [[ $REPORT_QUICK == 1 ]] && quick=(--quick)
     mkdir -p "$WORK/report"
     cd "$WORK/report" || return 1
-    if [[ $TUNE_COMPLETE == 1 ]]; then
-        # Every problem is cached: tune goes straight to the benchmark and adds its tuning table.
-        # shellcheck disable=SC2046
-        interpret "$PYTHON" -m triton_adder.tune $(tune_arguments) --budget-s 1 --report "${quick[@]}"
-    else
-        "$PYTHON" -m triton_adder.bench --model "$MODEL" --batch-size "$TUNE_BATCH" "${quick[@]}"
-    fi
+    "$PYTHON" -m triton_adder.bench --model "$MODEL" --batch-size "$TUNE_BATCH" "${quick[@]}"
 }
 
 collect_tuning_cache() {
@@ -286,7 +284,7 @@ collect_report() {
 }
 
 export -f step_info step_tests step_kernel_vs_cudnn step_sass step_tune step_report tune_arguments interpret
-export REPO PYTHON MODEL TUNE_BUDGET_S TUNE_OPS TUNE_BATCH REPORT_QUICK PYTEST_WORKERS WORK TUNE_COMPLETE REHEARSAL \
+export REPO OUT PYTHON MODEL TUNE_BUDGET_S TUNE_OPS TUNE_BATCH REPORT_QUICK PYTEST_WORKERS WORK REHEARSAL \
     KVC_ARGS GPU_TESTS
 
 say "gpu_run.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) steps: $STEPS; TOTAL_S=$TOTAL_S; REHEARSAL=$REHEARSAL; OUT=$OUT; repo $REPO"
@@ -296,12 +294,21 @@ if ((GPU)) && [[ $REHEARSAL == 1 ]]; then
     say "REHEARSAL=1 is for a machine without a GPU (the interpreter would stand in for the GPU): unset it"
     exit 1
 fi
+if ((!GPU)) && [[ $REHEARSAL != 1 ]] && command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    # A GPU machine whose torch cannot use its GPU must not pass as a dry run that skipped the GPU steps.
+    say "nvidia-smi lists a GPU but torch.cuda.is_available() is False: check the driver and torch's CUDA build"
+    FAILED=1
+fi
 for step in $STEPS; do
     case $step in
-        info) run_step info 20 step_info ;;
+        info) run_step info 40 step_info ;;
         kernel_vs_cudnn)
             # Without a GPU (and without REHEARSAL) it says it needs one and exits 0.
-            STEP_CAPTURE=$WORK/kernel_vs_cudnn.txt run_step kernel_vs_cudnn 150 step_kernel_vs_cudnn
+            # It saves its CSV/JSON after every layer: a cap reached keeps the layers done (PARTIAL_OK).
+            PARTIAL_OK=1 STEP_CAPTURE=$WORK/kernel_vs_cudnn.txt run_step kernel_vs_cudnn 150 step_kernel_vs_cudnn
+            if [[ $LAST_STATUS == partial ]] && ! compgen -G "$OUT/kernel_vs_cudnn_*.csv" >/dev/null; then
+                fail_after kernel_vs_cudnn "cut short before its first layer was saved"
+            fi
             ;;
         sass) run_step sass 30 step_sass ;;  # compile-only: runs without a GPU too
         tests | tune | report)
@@ -311,10 +318,9 @@ for step in $STEPS; do
                 continue
             fi
             case $step in
-                tests) run_step tests 130 step_tests ;;
+                tests) run_step tests 110 step_tests ;;
                 tune)
-                    PARTIAL_OK=1 run_step tune 100 step_tune
-                    [[ $LAST_STATUS == ok ]] && export TUNE_COMPLETE=1
+                    PARTIAL_OK=1 run_step tune "$TUNE_CAP_S" step_tune
                     collect_tuning_cache
                     ;;
                 report)

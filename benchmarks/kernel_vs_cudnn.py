@@ -667,4 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from triton_adder.child_process import exit_on_sigterm
+
+    exit_on_sigterm()  # a `timeout` (benchmarks/gpu_run.sh) must not leave compiles running
     sys.exit(main())

@@ -131,7 +131,8 @@ def test_a_tune_step_cut_short_keeps_what_it_tuned(image_python, tmp_path):
     """A lease running out mid-tune is expected: the step is 'partial', not a failure, and the cache
     file that comes back holds the winners stored so far."""
     out = tmp_path / "out"
-    result = _gpu_run(image_python, out, "tune", REHEARSAL="1", TOTAL_S="16", MODEL="resnet50", TUNE_OPS="fwd,bwd")
+    # A 25 s cap (5 x 5 in a rehearsal): ResNet-50's 66 problems take about a minute here, the first a second.
+    result = _gpu_run(image_python, out, "tune", REHEARSAL="1", TUNE_CAP_S="5", MODEL="resnet50", TUNE_OPS="fwd,bwd")
     log = (out / "gpu_run.log").read_text()
     assert result.returncode == 0, log[-4000:]
     assert "tune             partial" in log

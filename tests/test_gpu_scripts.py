@@ -14,8 +14,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -151,3 +153,28 @@ def test_gpu_run_dry_run_without_cuda(tmp_path):
     result = subprocess.run(["bash", str(GPU_RUN), "benchmark"], env=env, capture_output=True, text=True,
                             timeout=60, check=False)  # fmt: skip
     assert result.returncode == 1 and "unknown step 'benchmark'" in result.stdout
+
+
+def test_sigterm_kills_tracked_compile_sessions_and_exits():
+    """What `timeout` sends a gpu_run.sh step: the CLIs' handler (`child_process.exit_on_sigterm`) kills the
+    screen's compile children, which lead sessions of their own that a signal to our group does not reach."""
+    script = (
+        "import subprocess, sys, time\n"
+        "from triton_adder import child_process\n"
+        "child = subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+        "child_process.track_session(child.pid, alive=True)\n"
+        "child_process.exit_on_sigterm()\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    child_pid = int(process.stdout.readline())
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 143
+    for _ in range(100):  # the killed sleep is reaped by init once its parent is gone
+        if not os.path.exists(f"/proc/{child_pid}") or "Z" in open(f"/proc/{child_pid}/stat").read().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"compile session {child_pid} outlived the SIGTERM")

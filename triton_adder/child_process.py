@@ -8,6 +8,9 @@ would otherwise be invisible to them, or a different installed copy would be imp
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -18,3 +21,33 @@ def child_env(without: tuple[str, ...] = ()) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in without}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
     return env
+
+
+# Children started in a session of their own (the screen's compiles: `measure.sass`), so that a kill
+# reaches their ptxas too; a signal to our process group does not reach them, so they are listed here.
+_sessions: set[int] = set()
+_sessions_lock = threading.Lock()
+
+
+def track_session(pid: int, alive: bool) -> None:
+    """Record (alive=True) or forget a child that leads its own session (`exit_on_sigterm` kills those)."""
+    with _sessions_lock:
+        (_sessions.add if alive else _sessions.discard)(pid)
+
+
+def exit_on_sigterm() -> None:
+    """On SIGTERM (what `timeout` sends a step of benchmarks/gpu_run.sh), kill the tracked child sessions
+    and exit with status 143, instead of dying at once and leaving compiles running into the next step."""
+
+    def handler(signum, frame):
+        with _sessions_lock:
+            pids = list(_sessions)
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass  # already gone
+        sys.exit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)

@@ -141,6 +141,12 @@ def tune_model(
                     result.best_time_s, result.default_time_s, result.functional,
                 )
             ])  # fmt: skip
+            # A line per stored winner as it happens: a run killed before its table (a GPU lease's cap)
+            # still shows what it tuned and how it compares with the default.
+            speedup = result.default_time_s / result.best_time_s if result.best_time_s else float("nan")
+            log(f"stored {op} of {layer} ({problem.shape_text}): {result.best_time_s * 1e3:.4g} ms, default "
+                f"{result.default_time_s * 1e3:.4g} ms, {speedup:.2f}x, {result.runs} runs, "
+                f"{result.screened} screened, {result.shipped_verdicts} shipped verdicts")  # fmt: skip
             if result.screen_dropped:
                 row.notes.append(f"screen dropped {len(result.screen_dropped)} of {result.screened}")
             if result.shipped_verdicts:

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from triton_adder.child_process import child_env
+from triton_adder.child_process import child_env, track_session
 from triton_adder.contract import memory_format
 from triton_adder.geometry import Conv2dGeometry
 
@@ -555,6 +555,7 @@ def compile_stats_isolated(
         [sys.executable, "-m", "triton_adder.measure.compile_child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
     )  # fmt: skip
+    track_session(child.pid, alive=True)
     try:
         out, err = child.communicate(request, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -563,6 +564,7 @@ def compile_stats_isolated(
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
             child.communicate()
+        track_session(child.pid, alive=False)
     if child.returncode != 0:
         lines = [line for line in err.strip().splitlines() if line.strip()]
         last = lines[-1] if lines else f"exit {child.returncode}"
