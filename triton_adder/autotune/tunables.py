@@ -89,17 +89,29 @@ decides changes without a kernel or launcher source change (its rules, the limit
 counting), so verdicts computed under the old rules are ignored."""
 
 
-def screen_kernel_hash(op: str) -> str:
-    """The kernel hash of `op`'s screening verdicts (`tuning.ScreenIdentity`): the kernel source, the
-    launcher code that builds its compile-time arguments, and SCREEN_RULES_VERSION."""
-    kernel_hash, launch = {
+def _screen_kernel_hashes() -> dict[str, str]:
+    hashes = {}
+    for op, (kernel_hash, launch) in {
         "forward": (forward.KERNEL_SOURCE_HASH, forward.kernel_launch),
         "grad_input": (grad_input.GRAD_INPUT_KERNEL_HASH, grad_input.grad_input_launch),
         "grad_weight": (grad_weight.GRAD_WEIGHT_KERNEL_HASH, grad_weight.grad_weight_launch),
-    }[op]
-    digest = hashlib.sha256(f"{kernel_hash} screen rules {SCREEN_RULES_VERSION} ".encode())
-    digest.update(inspect.getsource(launch).encode())
-    return digest.hexdigest()
+    }.items():
+        digest = hashlib.sha256(f"{kernel_hash} screen rules {SCREEN_RULES_VERSION} ".encode())
+        digest.update(inspect.getsource(launch).encode())
+        hashes[op] = digest.hexdigest()
+    return hashes
+
+
+# At import, like the kernels' own hashes: inspect.getsource reads the file when called, so a long
+# verdict run (benchmarks/prune_space.py) asking later would label its verdicts from an edited file
+# (lines shifted under the loaded code) rather than from the code it compiles.
+_SCREEN_KERNEL_HASHES = _screen_kernel_hashes()
+
+
+def screen_kernel_hash(op: str) -> str:
+    """The kernel hash of `op`'s screening verdicts (`tuning.ScreenIdentity`): the kernel source, the
+    launcher code that builds its compile-time arguments, and SCREEN_RULES_VERSION."""
+    return _SCREEN_KERNEL_HASHES[op]
 
 
 def screen_identity(op: str, problem: dict, x, arch: int) -> ScreenIdentity:
