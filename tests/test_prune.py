@@ -552,3 +552,22 @@ def test_prune_space_writes_verdicts_that_the_tuner_takes_instead_of_compiling(t
         other = tunables.make_tunable(op, problem, torch.float32, torch.device("cpu"), False, False, screen_arch=80)
         other.run, other.outputs_match = (lambda config: 1), None
         assert search(other, CountingBenchmarker(), budget_s=1, verdict_dirs=[tmp_path]).shipped_verdicts == 0
+
+
+def test_verdict_writers_at_once_lose_nothing(tmp_path):
+    """Two screening runs merging into one verdict file (read, merge, replace) under its lock: every entry stays."""
+    import threading
+
+    path = tmp_path / verdict_filename("3.6.0", "sm90")
+
+    def writer(thread: int) -> None:
+        for i in range(15):
+            entry = ({"block_m": 1000 * thread + i, "num_warps": 2}, ScreenResult(True, "", float(i)))
+            write_verdicts(path, "3.6.0", "sm90", verdict_entries(IDENTITY, "fake", [entry]))
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(load_verdicts([tmp_path], IDENTITY, "fake")) == 6 * 15

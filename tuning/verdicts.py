@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from .cache import replace_text
 from .prune import ScreenResult
 from .space import config_key
@@ -143,8 +145,15 @@ def verdict_entries(identity: ScreenIdentity, op: str, verdicts: Iterable[tuple[
 
 def write_verdicts(path: str | os.PathLike, triton_version: str, target: str, entries: Iterable[Mapping]) -> int:
     """Merge `entries` (`verdict_entries`) into the verdict file at `path` (created if absent); returns
-    how many entries it holds. Refuses a file of another Triton version or target (ValueError)."""
+    how many entries it holds. Refuses a file of another Triton version or target (ValueError). The
+    read-merge-replace holds a lock on ``<path>.lock``, so two screening runs writing one file lose nothing."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_name(path.name + ".lock")):
+        return _merge_into(path, triton_version, target, entries)
+
+
+def _merge_into(path: Path, triton_version: str, target: str, entries: Iterable[Mapping]) -> int:
     current: dict[str, dict] = {}
     if path.exists():
         data = _parse(path)
@@ -158,6 +167,5 @@ def write_verdicts(path: str | os.PathLike, triton_version: str, target: str, en
     # One entry per line: a shipped file diffs line by line.
     text = _canonical(header)[:-1] + ',"entries":[\n' + ",\n".join(_canonical(current[k]) for k in sorted(current))
     text += "\n]}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
     replace_text(path, text)
     return len(current)
