@@ -58,14 +58,15 @@ def closure(names: list[str]) -> tuple[list[metadata.Distribution], list[str]]:
     return list(seen.values()), missing
 
 
-def make_venv(path: Path, names: list[str] | None = None) -> tuple[Path, list[str]]:
-    """A venv at `path` with links to the files of `names`' closure; returns its python and what
-    of `names` is not installed here. The project itself is never linked."""
+def make_venv(path: Path, names: list[str] | None = None) -> Path:
+    """A venv at `path` with links to the files of `names`' closure (default: the image's list); returns its
+    python. What of the list is not installed here (the image's optional pytest plugins) is left out; the
+    project itself is never linked."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     python = path / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
-    dists, missing = closure(names if names is not None else image_packages())
+    dists, _not_here = closure(names if names is not None else image_packages())
     for dist in dists:
         assert canonicalize_name(dist.metadata["Name"]) != "triton-adder"
         for top in {Path(f).parts[0] for f in dist.files or []}:
@@ -74,4 +75,4 @@ def make_venv(path: Path, names: list[str] | None = None) -> tuple[Path, list[st
             source = Path(dist.locate_file(top))
             if source.exists():
                 (site / top).symlink_to(source)
-    return python, [n for n in missing if n in {canonicalize_name(x) for x in (names or image_packages())}]
+    return python

@@ -24,8 +24,7 @@ REPO = gpu_image.REPO
 
 @pytest.fixture(scope="module")
 def image_python(tmp_path_factory):
-    python, _missing = gpu_image.make_venv(tmp_path_factory.mktemp("gpu-image") / "venv")
-    return python
+    return gpu_image.make_venv(tmp_path_factory.mktemp("gpu-image") / "venv")
 
 
 def image_env(**extra) -> dict[str, str]:
