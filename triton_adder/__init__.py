@@ -9,6 +9,8 @@ Public API:
 - `models`: the paper's networks (`models.build("resnet20", adder=True)`).
 - `precompile`: compile a model's CPU-path reductions ahead of its first step, in parallel
   worker processes (`backends.cpu.precompile`).
+- `quantize`: a copy of a model for int8 inference on the CPU, its adder layers summing absolute
+  differences of int8 operands with the SAD instruction (`quant`, DESIGN.md section 7).
 """
 
 from pathlib import Path
@@ -23,6 +25,7 @@ from triton_adder.functional import adder2d  # noqa: E402
 from triton_adder.models.convert import convert  # noqa: E402
 from triton_adder.nn import Adder2d  # noqa: E402
 from triton_adder.optim import adaptive_lr_  # noqa: E402
+from triton_adder.quant import quantize  # noqa: E402
 
-__all__ = ["Adder2d", "adder2d", "adaptive_lr_", "convert", "models", "precompile"]
+__all__ = ["Adder2d", "adder2d", "adaptive_lr_", "convert", "models", "precompile", "quantize"]
 __version__ = "0.1.0"

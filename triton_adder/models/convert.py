@@ -7,6 +7,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 
+import torch
 from torch import nn
 
 from triton_adder.contract import GRAD_MODES
@@ -14,6 +15,8 @@ from triton_adder.models import consumers
 from triton_adder.nn import Adder2d, Adder2dSame
 
 TIMM_CONV2D_SAME = ("timm.layers.conv2d_same", "Conv2dSame")
+GUESSED_IMAGE_SIZE = (224, 224)
+"""H x W of the input `convert` runs a model on when fx cannot trace it and it names no input size (ImageNet's)."""
 """timm's TF-style "same" convolution, matched by module and class name so timm is never imported here."""
 
 
@@ -91,8 +94,11 @@ def convert(
 
     The analysis runs `model` once on example_input (a tensor or tuple of arguments; eval mode, no gradients;
     shapes are real) when given, else it traces `model` with torch.fx (no input; 1x1 inputs are inferred from
-    global pooling). If fx cannot trace the model and no example_input is given, every convolution is
-    converted as with analyse=False, with one warning saying why. analyse=False: convert every convolution
+    global pooling). If fx cannot trace the model (control flow on shapes, as in timm's VGG head) and no
+    example_input is given, the model is run on a random image batch guessed from its first convolution (2 x
+    in_channels x H x W, H x W from timm's `pretrained_cfg["input_size"]` when it has one, else 224 x 224),
+    with one warning saying so; if that run fails too, every convolution is converted as with analyse=False,
+    with one warning saying why. analyse=False: convert every convolution
     keep_first / keep_last / exclude / the class rules allow (the behaviour before this analysis).
     report=True: return (model, [LayerDecision(name, decision, reason), ...]) in `named_modules()` order.
 
@@ -182,21 +188,41 @@ def convert(
 
 
 def _analyse(model: nn.Module, example_input) -> dict | None:
-    """`consumers.decide` on the model's graph, or None (with one warning) when fx cannot trace it."""
+    """`consumers.decide` on the model's graph, or None (with one warning) when it can be neither traced nor run."""
     if example_input is not None:
         return consumers.decide(consumers.run_graph(model, example_input))
     try:
-        nodes = consumers.fx_graph(model)
+        return consumers.decide(consumers.fx_graph(model))
     except Exception as error:  # noqa: BLE001 - fx raises many kinds (TraceError, TypeError, assertions, ...)
+        untraceable = f"torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {error}"
+    guess = _guessed_input(model)
+    try:
+        verdicts = consumers.decide(consumers.run_graph(model, guess))
+    except Exception as error:  # noqa: BLE001 - the guess may not be what the model takes
         warnings.warn(
             f"convert skipped the consumer analysis (which convolutions feed a normalisation, an activation or a "
-            f"gate) because torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {error}; "
-            "every convolution is converted as with analyse=False; pass example_input=... to analyse it by running it",
+            f"gate): {untraceable}, and running it on a random {tuple(guess.shape)} input failed "
+            f"({type(error).__name__}: {error}); every convolution is converted as with analyse=False; pass "
+            "example_input=... to analyse it by running it",
             UserWarning,
             stacklevel=3,
         )
         return None
-    return consumers.decide(nodes)
+    warnings.warn(
+        f"convert analysed {type(model).__name__} by running it on a random {tuple(guess.shape)} input because "
+        f"{untraceable}; pass example_input=... (your input size) to analyse it on your inputs instead",
+        UserWarning,
+        stacklevel=3,
+    )
+    return verdicts
+
+
+def _guessed_input(model: nn.Module) -> torch.Tensor:
+    """A random batch of 2 images for a model that fx cannot trace: channels from its first convolution."""
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    size = getattr(model, "pretrained_cfg", {}).get("input_size", (first.in_channels, *GUESSED_IMAGE_SIZE))
+    parameter = first.weight
+    return torch.randn(2, first.in_channels, *size[-2:], device=parameter.device, dtype=parameter.dtype)
 
 
 def _factory(cls: type, mapping: dict, copy_weights: bool, grad_mode: str):

@@ -1,0 +1,502 @@
+"""int8 inference (`triton_adder.quantize`, `triton_adder.quant`) against an independent float64
+reference of the quantized math.
+
+The reference quantizes in float64 from the layer's scale (x_q = clamp(round(x * (1/s)), -127, 127),
+w_q from the FLOAT layer's weight, not from the quantized layer's buffers) and sums |x_q - w_q|
+with `F.unfold` (whose zero padding is the quantized zero) and broadcasting: every integer is
+exact in float64, so the kernel's int32 sums must equal it exactly. Every test compiles into its
+own empty cache directory, so nothing passes on a library a previous run left behind. The float
+layers run on the eager CPU path (TRITON_ADDER_CPU_COMPILE=0): no inductor compile time here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import triton_adder
+from triton_adder import models
+from triton_adder.autotune import lookup
+from triton_adder.nn import Adder2d, Adder2dSame
+from triton_adder.quant import QuantizedAdder2d, native, quantize
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CPU_ISAS = native.cpu_isas()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """An empty library cache per test, no forced ISA or compiler from the developer's shell, eager float path."""
+    monkeypatch.setenv(lookup.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(native.ISA_ENV, raising=False)
+    monkeypatch.delenv(native.COMPILER_ENV, raising=False)
+    monkeypatch.setenv("TRITON_ADDER_CPU_COMPILE", "0")
+    native.clear()
+    yield
+    native.clear()
+
+
+def isa_param(isa):
+    reason = f"this CPU lacks {'/'.join(native.ISA_CPU_FLAGS[isa])} (it runs {', '.join(CPU_ISAS)})"
+    return pytest.param(isa, marks=pytest.mark.skipif(isa not in CPU_ISAS, reason=reason), id=isa)
+
+
+ALL_ISAS = [isa_param(isa) for isa in native.ISAS]
+
+
+# ------------------------------------------------------------------------------------------------
+# The independent reference
+# ------------------------------------------------------------------------------------------------
+
+
+def q64(t: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.round(t.detach().double() * (1.0 / scale)).clamp(-127, 127)
+
+
+def tf_same_pads(size, k, s, d):
+    total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def reference_sums(x, layer: Adder2d, scale: float, tf_same: bool = False) -> torch.Tensor:
+    """sum_k |x_q - w_q| in float64, (N, Cout, Ho, Wo), by unfold and broadcasting."""
+    xq, wq = q64(x, scale), q64(layer.weight, scale)
+    if xq.dim() == 3:
+        xq = xq[None]
+    (kh, kw), stride, dilation, g = layer.kernel_size, layer.stride, layer.dilation, layer.groups
+    if tf_same:
+        (top, bottom), (left, right) = (
+            tf_same_pads(n, k, s, d) for n, k, s, d in zip(xq.shape[-2:], layer.kernel_size, stride, dilation)
+        )
+        xq, padding = F.pad(xq, (left, right, top, bottom)), (0, 0)
+    else:
+        padding = (0, 0) if layer.padding == "valid" else layer.padding
+        if padding == "same":
+            total = [d * (k - 1) for d, k in zip(dilation, layer.kernel_size)]
+            xq = F.pad(xq, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+            padding = (0, 0)
+    n, cin, h, w = xq.shape
+    cols = F.unfold(xq, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, Cin*kh*kw, L)
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    cout = wq.shape[0]
+    cols = cols.reshape(n, g, cin // g * kh * kw, 1, -1)  # (N, G, Kg, 1, L), K in (channel, i, j) order
+    weights = wq.reshape(g, cout // g, cin // g * kh * kw).permute(0, 2, 1)[None, :, :, :, None]  # (1, G, Kg, Tg, 1)
+    sums = (cols - weights).abs().sum(2)  # (N, G, Tg, L)
+    return sums.reshape(n, cout, ho, -1)
+
+
+def make_layer(cin, cout, k, stride=1, padding=0, dilation=1, groups=1, bias=False, seed=0, cls=Adder2d):
+    torch.manual_seed(seed)
+    layer = cls(cin, cout, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+    with torch.no_grad():
+        layer.weight.mul_(0.7)
+        if bias:
+            layer.bias.normal_()
+    return layer.eval()
+
+
+# (cin, cout, kernel, stride, padding, dilation, groups, batch, h, w): padding, stride, dilation,
+# groups (incl. depthwise), odd channel counts, K = Cin/groups*kh*kw not a multiple of 8 or 64,
+# 1x1 layers (the no-copy path when Cin is a multiple of 8), batch 1 and > 1, tiny and wide K.
+CASES = [
+    (6, 10, 3, 2, 1, 1, 1, 2, 9, 11),
+    (3, 5, 1, 1, 0, 1, 1, 1, 7, 7),
+    (64, 24, 1, 1, 0, 1, 1, 2, 5, 6),
+    (8, 12, 3, 1, 2, 2, 4, 3, 8, 9),
+    (130, 7, 3, 1, 1, 1, 1, 1, 6, 5),
+    (16, 16, 3, 1, 1, 1, 16, 1, 6, 7),
+    (5, 9, (2, 3), (2, 1), (0, 2), (1, 2), 1, 2, 7, 8),
+    (40, 33, 5, 3, 2, 1, 1, 1, 11, 10),
+    (12, 20, 1, 2, 0, 1, 2, 2, 9, 9),
+]
+
+
+def integer_case(case):
+    cin, cout, k, stride, padding, dilation, groups, n, h, w = case
+    layer = make_layer(cin, cout, k, stride, padding, dilation, groups, seed=cin * 31 + cout)
+    torch.manual_seed(cout)
+    x = torch.randn(n, cin, h, w) * 1.3
+    # the calibrated max below the largest input: some values clip to +-127
+    return layer, x, QuantizedAdder2d.from_float(layer, 0.8 * float(x.abs().max()))
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS)
+def test_integer_sums_exact_on_every_path(isa, monkeypatch):
+    monkeypatch.setenv(native.ISA_ENV, isa)
+    blockings = [
+        None,
+        native.Blocking(1, 8, 1, 8, 8),
+        native.Blocking(3, 16, 9, 24, 16),
+        native.Blocking(8, 32, 16, 40, 64),
+        native.Blocking(6, 24, 96, 48, 1024),
+    ]
+    for number, case in enumerate(CASES):
+        layer, x, q = integer_case(case)
+        expected = reference_sums(x, layer, q.scale_value)
+        # every input layout the quantizer reads differently, and float64 input
+        inputs = {
+            "nchw": x,
+            "channels_last": x.contiguous(memory_format=torch.channels_last),
+            "strided": torch.stack([x, x], dim=-1)[..., 0],
+            "float64": x.double(),
+        }
+        for layout, xin in inputs.items():
+            q.blocking = blockings[number % len(blockings)] if layout == "nchw" else None
+            got = q.integer_sums(xin)
+            assert got.dtype == torch.int32 and got.shape == expected.shape, (case, layout)
+            difference = (got - expected).abs().max()
+            assert torch.equal(got.double(), expected), f"{isa} {case} {layout}: max diff {difference}"
+    assert native.load().isa == isa and native.load().lib.ta_isa() == native.ISA_CODES[isa]
+
+
+def test_every_register_block_and_k_chunk():
+    """The best variant this CPU has, over every register block, tiles that do not divide the layer
+    and K chunks shorter than K (K = 37 * 9 = 333)."""
+    layer = make_layer(37, 45, 3, padding=1, groups=1, seed=3)
+    x = torch.randn(2, 37, 7, 6)
+    q = QuantizedAdder2d.from_float(layer, float(x.abs().max()))
+    expected = reference_sums(x, layer, q.scale_value)
+    for mr in native.MICRO_MR:
+        for nr in native.MICRO_NR:
+            for mc, nc, kc in ((mr, 8, 8), (mr * 5, nr + 8, 40), (mr * 16, 64, 1024)):
+                q.blocking = native.Blocking(mr, nr, mc, nc, kc)
+                assert torch.equal(q.integer_sums(x).double(), expected), q.blocking
+
+
+def test_outputs_are_bias_minus_scale_times_sums():
+    layer = make_layer(7, 11, 3, stride=1, padding=1, bias=True, seed=5)
+    x = torch.randn(3, 7, 6, 5)
+    q = QuantizedAdder2d.from_float(layer, float(x.abs().max()))
+    expected = layer.bias.double()[None, :, None, None] - q.scale_value * reference_sums(x, layer, q.scale_value)
+    # float64 in, float64 out, one rounding
+    torch.testing.assert_close(q(x.double()), expected, rtol=1e-15, atol=1e-12)
+    # float32, NCHW and channels_last (the output keeps the input's memory format), unbatched
+    y = q(x)
+    assert y.dtype == torch.float32 and y.is_contiguous()
+    torch.testing.assert_close(y.double(), expected, rtol=2**-23, atol=0)
+    y_cl = q(x.contiguous(memory_format=torch.channels_last))
+    assert y_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(y_cl, y)
+    torch.testing.assert_close(q(x[1]), y[1], rtol=0, atol=0)
+    for dtype, rtol in ((torch.float16, 2**-10), (torch.bfloat16, 2**-7)):
+        xh = x.to(dtype)
+        yh = q(xh)
+        assert yh.dtype == dtype
+        sums = reference_sums(xh.double(), layer, q.scale_value)
+        ref = layer.bias.double()[None, :, None, None] - q.scale_value * sums
+        torch.testing.assert_close(yh.double(), ref, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid", (1, 0)])
+def test_string_and_asymmetric_padding(padding):
+    layer = make_layer(6, 8, (2, 3), padding=padding, seed=9)
+    x = torch.randn(2, 6, 7, 6)
+    q = QuantizedAdder2d.from_float(layer, float(x.abs().max()))
+    assert torch.equal(q.integer_sums(x).double(), reference_sums(x, layer, q.scale_value))
+
+
+def test_adder2d_same_pads_from_each_input():
+    assert issubclass(Adder2dSame, Adder2d)
+    layer = make_layer(5, 6, 3, stride=2, seed=2, cls=Adder2dSame)
+    q = QuantizedAdder2d.from_float(layer, 2.0)
+    assert q.tf_same
+    for h, w in ((7, 8), (9, 6)):
+        x = torch.randn(2, 5, h, w)
+        expected = reference_sums(x, layer, q.scale_value, tf_same=True)
+        got = q.integer_sums(x)
+        assert got.shape == (2, 6, math.ceil(h / 2), math.ceil(w / 2))
+        assert torch.equal(got.double(), expected)
+
+
+def test_error_against_the_float_layer_is_within_k_times_s():
+    """|y_int8 - y_float| <= K * s per output (DESIGN.md section 7) when nothing clips: each term
+    ||x - w| - s|x_q - w_q|| <= |x - s x_q| + |w - s w_q| <= s/2 + s/2, and padded taps are exact.
+    The float layer's own float32 rounding gets a small allowance."""
+    layer = make_layer(16, 12, 3, padding=1, bias=True, seed=4)
+    x = torch.randn(2, 16, 8, 8)
+    q = QuantizedAdder2d.from_float(layer, float(x.abs().max()))
+    with torch.no_grad():
+        exact = layer.double()(x.double())
+    error = (q(x.double()) - exact).abs().max().item()
+    k = 16 * 9
+    assert 0 < error <= k * q.scale_value
+    # and the bound is not vacuous: random rounding errors cancel to well under it
+    assert error < 0.5 * k * q.scale_value
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize(): calibration, the copy, the model end to end
+# ------------------------------------------------------------------------------------------------
+
+
+def test_calibration_picks_the_max_rule_scale():
+    torch.manual_seed(0)
+    first, second = Adder2d(2, 3, 3, padding=1), Adder2d(3, 4, 1)
+    with torch.no_grad():
+        first.weight.uniform_(-0.5, 0.5)
+        first.weight[0, 0, 0, 0] = 0.5
+        second.weight.uniform_(-1, 1)
+        second.weight[1, 2, 0, 0] = -900.0  # the weight dominates this layer's scale
+    model = nn.Sequential(first, nn.ReLU(), second)
+    batches = [torch.full((1, 2, 4, 4), 0.25), torch.randn(2, 2, 4, 4)]
+    batches[1][1, 1, 2, 3] = -3.0  # the largest input of the first layer, in the second batch
+    q = quantize(model, batches)
+    assert q[0].scale_value == 3.0 / 127
+    with torch.no_grad():
+        relu_max = max(float(torch.relu(first(b)).abs().max()) for b in batches)
+    assert relu_max < 900
+    assert q[2].scale_value == 900.0 / 127
+    assert torch.equal(q[0].weight_q.double(), q64(first.weight, 3.0 / 127))
+    # the copy: the original model is untouched, the copy is in eval mode and needs no no_grad
+    assert isinstance(model[0], Adder2d) and model.training and model[0].weight.requires_grad
+    assert isinstance(q[0], QuantizedAdder2d) and isinstance(q[1], nn.ReLU) and not q.training
+    y = q(batches[1])
+    assert y.shape == (2, 4, 4, 4) and not y.requires_grad
+
+
+def test_calibration_accepts_tuples_and_dicts_and_adder_itself():
+    layer = make_layer(3, 4, 3, seed=1)
+    x = torch.randn(1, 3, 5, 5)
+    peak = max(float(x.abs().max()), float(layer.weight.detach().abs().max()))
+    for calibration in ([(x,)], [{"input": x}], iter([x])):
+        q = quantize(layer, calibration)
+        assert isinstance(q, QuantizedAdder2d) and q.scale_value == peak / 127
+
+
+def test_lenet_end_to_end_within_the_propagated_bound():
+    """LeNet-5-BN AdderNet: logits of the int8 model vs the float model.
+
+    Bound, in max-norm, propagated layer by layer (relu and max-pool do not increase it): an adder
+    layer with K terms per output, scale s and input error d gives <= K * (d + s + clip), clip =
+    max(0, max|x'| - 127.5 s) for the inputs x' it actually sees; BatchNorm multiplies by
+    max |gamma / sqrt(var + eps)|; the multiplicative 1x1 classifier by its largest row sum of |W|.
+    """
+    torch.manual_seed(0)
+    model = models.build("lenet5bn", adder=True)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # cumulative averages: the statistics of the batches below
+    with torch.no_grad():  # realistic BatchNorm statistics instead of 0 / 1
+        for _ in range(3):
+            model(torch.randn(32, 1, 28, 28))
+    model.eval()
+    data = torch.randn(16, 1, 28, 28)
+    q = quantize(model, [data[:8], data[8:]])
+    assert {name for name, m in q.named_modules() if isinstance(m, QuantizedAdder2d)} == {"conv2", "conv3", "conv4"}
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].abs().max().item()))
+        for name, m in q.named_modules()
+        if isinstance(m, QuantizedAdder2d)
+    ]
+    with torch.no_grad():
+        logits_float, logits_int8 = model(data), q(data)
+    for hook in hooks:
+        hook.remove()
+
+    def gain(bn):
+        return (bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)).max().item()
+
+    bound = 0.0
+    for adder, bn in (("conv2", "bn2"), ("conv3", "bn3"), ("conv4", "bn4")):
+        layer = getattr(q, adder)
+        s, k = layer.scale_value, layer.weight_q[0].numel()
+        clip = max(0.0, seen[adder] - 127.5 * s)
+        bound = (k * (bound + s + clip)) * gain(getattr(model, bn))
+    bound *= model.fc.weight.abs().sum(dim=(1, 2, 3)).max().item() * gain(model.bn5)
+    error = (logits_int8 - logits_float).abs().max().item()
+    assert 0 < error <= bound, (error, bound)
+    # the argmax agrees on most images (not guaranteed by the bound; a wrong kernel would scramble it)
+    agree = (logits_int8.argmax(1) == logits_float.argmax(1)).float().mean().item()
+    assert agree >= 0.75, agree
+
+
+def test_state_dict_round_trip_repacks_the_weight():
+    layer = make_layer(9, 10, 3, padding=1, bias=True, seed=6)
+    x = torch.randn(1, 9, 5, 5)
+    q = QuantizedAdder2d.from_float(layer, float(x.abs().max()))
+    other = QuantizedAdder2d.from_float(make_layer(9, 10, 3, padding=1, bias=True, seed=7), 1.0)
+    other.load_state_dict(q.state_dict())
+    assert torch.equal(other(x), q(x))
+    assert set(q.state_dict()) == {"scale", "weight_q", "bias"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors: training, gradients, arguments, settings
+# ------------------------------------------------------------------------------------------------
+
+
+def test_training_mode_and_backward_are_errors():
+    layer = make_layer(3, 4, 3, seed=0)
+    model = quantize(nn.Sequential(layer), [torch.randn(1, 3, 5, 5)])
+    x = torch.randn(1, 3, 5, 5)
+    model.train()
+    with pytest.raises(RuntimeError, match="inference-only.*eval"):
+        model(x)
+    model.eval()
+    with pytest.raises(RuntimeError, match="no backward.*no_grad"):
+        model(x.requires_grad_())
+    with torch.no_grad():
+        assert model(x).shape == (1, 4, 3, 3)  # an input that requires grad is fine without autograd
+    with pytest.raises(ValueError, match="CPU only"):
+        model[0](torch.randn(1, 3, 5, 5, device="meta"))
+    with pytest.raises(ValueError, match="expects 3"):
+        model[0](torch.randn(1, 2, 5, 5))
+    with pytest.raises(TypeError, match="dtype"):
+        model[0](torch.ones(1, 3, 5, 5, dtype=torch.int32))
+
+
+def test_quantize_argument_errors():
+    model = nn.Sequential(make_layer(3, 4, 3))
+    x = torch.randn(1, 3, 5, 5)
+    with pytest.raises(ValueError, match=r"rule must be one of \('max',\)"):
+        quantize(model, [x], rule="mse")
+    with pytest.raises(ValueError, match="calibration gave no batches"):
+        quantize(model, [])
+    with pytest.raises(TypeError, match="calibration .*bare tensor.*list"):
+        quantize(model, x)
+    with pytest.raises(TypeError, match="calibration must be an iterable"):
+        quantize(model, 5)
+    with pytest.raises(TypeError, match="calibration batch 0 must be a tensor"):
+        quantize(model, ["abc"])
+    with pytest.raises(ValueError, match="no triton_adder Adder2d.*convert"):
+        quantize(nn.Sequential(nn.Conv2d(3, 4, 3)), [x])
+    with pytest.raises(TypeError, match="model must be"):
+        quantize("model", [x])
+
+    class Skips(nn.Module):  # calls only one of its two adder layers
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = make_layer(3, 4, 3), make_layer(3, 4, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(ValueError, match=r"never ran adder layers \['unused'\]"):
+        quantize(Skips(), [x])
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize(model, [bad])
+    with pytest.raises(ValueError, match="input_max"):
+        QuantizedAdder2d.from_float(make_layer(3, 4, 3), -1.0)
+    with pytest.raises(TypeError, match="Adder2d"):
+        QuantizedAdder2d.from_float(nn.Conv2d(3, 4, 3), 1.0)
+
+
+def test_blocking_errors_name_the_field():
+    for blocking, pattern in (
+        (native.Blocking(5, 8, 5, 8, 8), "mr must be one of"),
+        (native.Blocking(4, 12, 4, 16, 8), "nr one of"),
+        (native.Blocking(4, 8, 6, 8, 8), "mc must be a multiple of mr"),
+        (native.Blocking(4, 8, 4, 8, 12), "kc of 8"),
+        (native.Blocking(4, 8, 0, 8, 8), "mc must be a positive int"),
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            blocking.check()
+
+
+def test_isa_setting_errors(monkeypatch):
+    q = QuantizedAdder2d.from_float(make_layer(3, 4, 3), 1.0)
+    x = torch.randn(1, 3, 5, 5)
+    monkeypatch.setenv(native.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match=r"TRITON_ADDER_INT8_ISA must be one of avx512bw, avx2, portable or auto"):
+        q(x)
+    monkeypatch.setenv(native.ISA_ENV, "avx512bw")
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"sse2", "avx2"}))
+    if native.platform.machine().lower() in ("x86_64", "amd64"):
+        with pytest.raises(RuntimeError, match="TRITON_ADDER_INT8_ISA=avx512bw but this CPU lacks avx512f/avx512bw"):
+            q(x)
+        monkeypatch.delenv(native.ISA_ENV)
+        assert native.selected_isa() == "avx2"  # auto: the best the (pretended) CPU has
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset())
+    assert native.selected_isa() == "portable"
+
+
+# ------------------------------------------------------------------------------------------------
+# No compiler, the on-disk cache, two processes at once
+# ------------------------------------------------------------------------------------------------
+
+
+def test_no_compiler_warns_once_and_computes_the_same_numbers(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.COMPILER_ENV, str(tmp_path / "no-such-cc"))
+    layer = make_layer(10, 9, 3, stride=2, padding=1, groups=1, bias=True, seed=8)
+    x = torch.randn(2, 10, 7, 9)
+    q = QuantizedAdder2d.from_float(layer, 0.9 * float(x.abs().max()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sums = q.integer_sums(x)
+        y = q(x)
+        q(x)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "could not build" in messages[0] and "no-such-cc" in messages[0], messages
+    expected = reference_sums(x, layer, q.scale_value)
+    assert sums.dtype == torch.int32 and torch.equal(sums.double(), expected)
+    ref = layer.bias.double()[None, :, None, None] - q.scale_value * expected
+    torch.testing.assert_close(y.double(), ref, rtol=2**-23, atol=0)
+    assert not list((tmp_path / "cache").rglob("*.so"))
+
+
+def test_compiles_once_into_the_cache_then_loads_from_disk(tmp_path):
+    before = native.compile_count
+    library = native.load()
+    assert native.compile_count == before + 1
+    assert library.path.parent == tmp_path / "cache" / "int8" and library.path.exists()
+    assert library.isa == CPU_ISAS[0]
+    native.clear()  # a new process, as far as the loader knows
+    assert native.load().path == library.path and native.compile_count == before + 1
+    assert [p.name for p in library.path.parent.iterdir()] == [library.path.name]  # no temporary left
+
+
+CHILD = """
+import os, sys, time
+from pathlib import Path
+from triton_adder.quant import native
+ready, go = Path(sys.argv[1]), Path(sys.argv[2])
+ready.touch()
+while not go.exists():
+    time.sleep(0.01)
+library = native.load()
+assert library is not None, "no library"
+print(library.path, library.lib.ta_isa(), native.compile_count)
+"""
+
+
+def test_two_processes_compiling_at_once_both_get_a_working_library(tmp_path):
+    env = {**os.environ, lookup.CACHE_DIR_ENV: str(tmp_path / "shared"), "PYTHONPATH": str(REPO_ROOT)}
+    go = tmp_path / "go"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(tmp_path / f"ready{i}"), str(go)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()  # both start compiling into the same empty cache now
+    outputs = [child.communicate(timeout=120) for child in children]
+    for child, (_, err) in zip(children, outputs):
+        assert child.returncode == 0, err
+    paths = {out.split()[0] for out, _ in outputs}
+    assert len(paths) == 1 and all(out.split()[1] == str(native.ISA_CODES[CPU_ISAS[0]]) for out, _ in outputs)
+    folder = tmp_path / "shared" / "int8"
+    assert [p.name for p in folder.iterdir()] == [Path(paths.pop()).name]
+
+
+def test_exported():
+    assert triton_adder.quantize is quantize and "quantize" in triton_adder.__all__

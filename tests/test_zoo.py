@@ -1,0 +1,160 @@
+"""`convert` on real model zoos: torchvision's and timm's CNNs convert to models that learn (issue 26).
+
+Runs where torchvision (and timm) import: the README's test command runs this file a second time in a venv
+with torch 2.14.1, torchvision 0.29.1 and timm (see README, "Model-zoo tests"); in the main venv, whose CPU
+torch has no matching torchvision, it is skipped. `benchmarks/zoo_trainability.py` runs the same check over
+every torchvision classifier (results in `results/zoo/`); this file keeps the models that failed before the
+consumer analysis, plus a ResNet and a MobileNetV2, within a CI budget.
+
+Per model: every convolution is converted or kept with a reason; the layers kept for feeding an activation,
+a gate or an addition are exactly the ones the warning names; each adder layer's output has its
+convolution's shape; no adder layer is dead (all-zero weight gradient where the CNN's convolution has a
+non-zero one); and the model fits one batch (`Trainability.learns`).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from triton_adder import Adder2d, convert
+from triton_adder.backends import use_backend
+from triton_adder.backends.cpu import common
+from triton_adder.models.trainability import check, fit_mode
+from triton_adder.nn import Adder2dSame
+
+tvm = pytest.importorskip("torchvision.models", reason="torchvision is not installed (see README, Model-zoo tests)")
+try:
+    import timm
+except ImportError:  # the torchvision tests still run
+    timm = None
+
+SIZE, BATCH = 64, 4
+# (zoo, architecture, insert_norm, fit steps: 0 = decisions and dead layers only). Models whose default
+# conversion keeps every unnormalised layer (SqueezeNet, AlexNet, VGG) are fitted with insert_norm=True too.
+CASES = [
+    ("torchvision", "squeezenet1_1", False, 0),
+    ("torchvision", "squeezenet1_1", True, 40),
+    ("torchvision", "alexnet", False, 0),
+    ("torchvision", "alexnet", True, 40),
+    ("torchvision", "mobilenet_v3_small", False, 40),
+    ("torchvision", "efficientnet_b0", False, 40),
+    ("torchvision", "regnet_y_400mf", False, 40),
+    ("torchvision", "mobilenet_v2", False, 40),
+    ("torchvision", "resnet18", False, 20),
+    ("timm", "vgg11", False, 0),
+    ("timm", "mobilenetv3_small_100", False, 40),
+    ("timm", "tf_efficientnet_b0", False, 40),
+    ("timm", "convnext_atto", False, 40),
+    ("timm", "regnety_002", False, 40),
+    ("timm", "resnetv2_50x1_bit", False, 0),  # weight-standardised StdConv2d: kept, named in a warning
+]
+
+
+@pytest.fixture(autouse=True)
+def eager_cpu_path(monkeypatch):
+    # The chunked eager CPU path: compiling each layer shape of a model would take minutes on 2 cores.
+    monkeypatch.setenv(common.COMPILE_ENV, "0")
+    with use_backend("cpu"):
+        yield
+
+
+def build(zoo: str, arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    if zoo == "torchvision":
+        return tvm.get_model(arch, weights=None, num_classes=10)
+    if timm is None:
+        pytest.skip("timm is not installed")
+    return timm.create_model(arch, pretrained=False, num_classes=10)
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)), torch.arange(BATCH) % 10
+
+
+def output_shapes(model: nn.Module, x: torch.Tensor, names) -> dict:
+    shapes, handles = {}, []
+    for name in names:
+        hook = lambda module, args, out, name=name: shapes.__setitem__(name, tuple(out.shape))  # noqa: E731
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            fit_mode(model)(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def warned_layers(messages: list[str]) -> tuple[set[str], set[str]]:
+    """The layers convert's two warnings name: (unnormalised ones, ones whose class has its own forward)."""
+    unnormalised, own_forward = set(), set()
+    for message in messages:
+        if "reaches an activation, a gate or an addition" in message:  # "name (reached), name (reached)"
+            listed = re.search(r"close the gate: (.*); pass insert_norm", message).group(1)
+            unnormalised.update(re.findall(r"([\w.]+) \(", listed))
+        elif "own forward or _conv_forward" in message:  # "module.Class: name, name; module.Class: name"
+            for entry in re.search(r"reproduce \((.*)\); pass", message).group(1).split("; "):
+                own_forward.update(entry.partition(": ")[2].split(", "))
+    return unnormalised, own_forward
+
+
+@pytest.mark.parametrize("zoo, arch, insert_norm, steps", CASES, ids=[f"{c[1]}{'-norm' * c[2]}" for c in CASES])
+def test_converted_zoo_model_keeps_shapes_names_kept_layers_and_learns(zoo, arch, insert_norm, steps):
+    cnn = build(zoo, arch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adder, decisions = convert(cnn, report=True, insert_norm=insert_norm)
+    messages = [str(w.message) for w in caught]
+    # A model fx cannot trace (timm's VGG: control flow on shapes) is analysed by running it on a guessed input.
+    assert not any("skipped the consumer analysis" in m for m in messages), messages
+
+    convs = [name for name, m in cnn.named_modules(remove_duplicate=False) if isinstance(m, nn.Conv2d)]
+    assert [d.name for d in decisions] == convs
+    assert all(d.reason for d in decisions)
+    unnormalised = {d.name for d in decisions if d.decision == "kept" and d.reason.startswith("output reaches")}
+    own_forward = {d.name for d in decisions if d.decision == "kept" and "own forward" in d.reason}
+    assert warned_layers(messages) == (unnormalised, own_forward)
+    converted = {d.name for d in decisions if d.decision != "kept"}
+    adders = {name.removesuffix(".0") for name, m in adder.named_modules() if isinstance(m, Adder2d)}
+    assert adders == converted
+    if insert_norm:
+        assert not unnormalised and converted, "insert_norm converts every unnormalised layer"
+    for name in converted:  # timm's TF-style "same" convolutions pad like TensorFlow: Adder2dSame does too
+        layer = adder.get_submodule(name)
+        layer = layer[0] if isinstance(layer, nn.Sequential) else layer
+        assert isinstance(layer, Adder2dSame) == (type(cnn.get_submodule(name)).__name__ == "Conv2dSame"), name
+
+    x, y = batch()
+    if converted:
+        names = sorted(converted)
+        adder_names = [n + ".0" if isinstance(adder.get_submodule(n), nn.Sequential) else n for n in names]
+        got = output_shapes(adder, x, adder_names)
+        assert [got[n] for n in adder_names] == [output_shapes(cnn, x, names)[n] for n in names]
+    result = check(cnn, adder, (x, y), steps=max(steps, 1))
+    assert result.dead == [], result.dead
+    if steps:
+        assert result.adders > 0 and result.learns(), result.losses
+
+
+@pytest.mark.parametrize("zoo, arch", [("torchvision", "mobilenet_v3_small"), ("timm", "convnext_atto")])
+def test_converted_zoo_model_runs_under_torch_compile_and_bf16_autocast(zoo, arch):
+    model = fit_mode(convert(build(zoo, arch)))
+    x = batch()[0][:2, :, :32, :32]
+    eager = model(x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # dynamo + AOT autograd, no C++ build
+    got = compiled(x)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+    got.sum().backward()
+    adders = [m for m in model.modules() if isinstance(m, Adder2d)]
+    assert adders and all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in adders)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().sum().backward()
+    assert all(torch.isfinite(m.weight.grad).all() and m.weight.grad.abs().sum() > 0 for m in adders)
