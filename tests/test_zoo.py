@@ -120,21 +120,27 @@ def test_converted_zoo_model_keeps_shapes_names_kept_layers_and_learns(zoo, arch
     own_forward = {d.name for d in decisions if d.decision == "kept" and "own forward" in d.reason}
     assert warned_layers(messages) == (unnormalised, own_forward)
     converted = {d.name for d in decisions if d.decision != "kept"}
-    adders = {name.removesuffix(".0") for name, m in adder.named_modules() if isinstance(m, Adder2d)}
-    assert adders == converted
+    for d in decisions:  # each name now holds what its decision says, the adder class matching the conv's padding
+        layer, conv = adder.get_submodule(d.name), cnn.get_submodule(d.name)
+        if d.decision == "kept":
+            assert type(layer) is type(conv), d
+            continue
+        if d.decision == "converted_with_norm":
+            assert isinstance(layer, nn.Sequential) and isinstance(layer[1], nn.BatchNorm2d), d
+            layer = layer[0]
+        # timm's TF-style "same" convolution pads from the input size at run time, as Adder2dSame does
+        assert isinstance(layer, Adder2d) and isinstance(layer, Adder2dSame) == (type(conv).__name__ == "Conv2dSame"), d
+    assert sum(isinstance(m, Adder2d) for m in adder.modules()) == len(converted)
     if insert_norm:
         assert not unnormalised and converted, "insert_norm converts every unnormalised layer"
-    for name in converted:  # timm's TF-style "same" convolutions pad like TensorFlow: Adder2dSame does too
-        layer = adder.get_submodule(name)
-        layer = layer[0] if isinstance(layer, nn.Sequential) else layer
-        assert isinstance(layer, Adder2dSame) == (type(cnn.get_submodule(name)).__name__ == "Conv2dSame"), name
 
     x, y = batch()
     if converted:
         names = sorted(converted)
         adder_names = [n + ".0" if isinstance(adder.get_submodule(n), nn.Sequential) else n for n in names]
+        expected = output_shapes(cnn, x, names)
         got = output_shapes(adder, x, adder_names)
-        assert [got[n] for n in adder_names] == [output_shapes(cnn, x, names)[n] for n in names]
+        assert [got[n] for n in adder_names] == [expected[n] for n in names]
     result = check(cnn, adder, (x, y), steps=max(steps, 1))
     assert result.dead == [], result.dead
     if steps:

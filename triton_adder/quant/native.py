@@ -50,6 +50,8 @@ ISAS = ("avx512bw", "avx2", "portable")
 """The compiled variants, best first."""
 ISA_CPU_FLAGS = {"avx512bw": ("avx512f", "avx512bw"), "avx2": ("avx2",), "portable": ()}
 ISA_FLAGS = {"avx512bw": ("-mavx512f", "-mavx512bw"), "avx2": ("-mavx2",), "portable": ()}
+IFMA_ENV = "TRITON_ADDER_INT8_IFMA"
+"""0 builds the AVX-512BW variant without AVX512-IFMA even where the CPU has it (tests, A/B timing)."""
 ISA_CODES = {"portable": 0, "avx2": 1, "avx512bw": 2}
 """What the library's ``ta_isa()`` returns for each variant (the loader checks the build is the one asked for)."""
 BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
@@ -149,6 +151,15 @@ def selected_isa() -> str:
     return forced
 
 
+def isa_flags(isa: str) -> tuple[str, ...]:
+    """The compiler flags of variant `isa`: `ISA_FLAGS`, plus -mavx512ifma for AVX-512BW on a CPU with
+    AVX512-IFMA (unless $TRITON_ADDER_INT8_IFMA is 0), which makes sad.c accumulate with VPMADD52LUQ."""
+    flags = ISA_FLAGS[isa]
+    if isa == "avx512bw" and "avx512ifma" in cpu_flags() and os.environ.get(IFMA_ENV, "").strip() != "0":
+        flags += ("-mavx512ifma",)
+    return flags
+
+
 def compiler_command() -> list[str]:
     """The C compiler: $CC (split as shell words), else cc, else gcc (the first on PATH)."""
     raw = os.environ.get(COMPILER_ENV, "").strip()
@@ -183,7 +194,7 @@ def library_path(isa: str, command: list[str]) -> Path:
     """The cached library of `isa` built by `command`: named by a hash of source, flags and compiler version."""
     digest = hashlib.sha256()
     digest.update(SOURCE.read_bytes())
-    digest.update(repr((BASE_FLAGS, ISA_FLAGS[isa], command)).encode())
+    digest.update(repr((BASE_FLAGS, isa_flags(isa), command)).encode())
     digest.update(compiler_version(command).encode())
     return cache_directory() / f"sad-{isa}-{digest.hexdigest()[:20]}.so"
 
@@ -204,7 +215,7 @@ def build(isa: str) -> Path:
     os.close(handle)
     try:
         done = subprocess.run(
-            [*command, *BASE_FLAGS, *ISA_FLAGS[isa], "-o", temporary, str(SOURCE)],
+            [*command, *BASE_FLAGS, *isa_flags(isa), "-o", temporary, str(SOURCE)],
             capture_output=True,
             text=True,
             timeout=COMPILE_TIMEOUT_S,
@@ -261,7 +272,7 @@ class Library:
         if lib.ta_isa() != ISA_CODES[isa]:
             raise RuntimeError(
                 f"{path} reports ISA code {lib.ta_isa()}, expected {ISA_CODES[isa]} ({isa}): "
-                f"the compiler ignored {ISA_FLAGS[isa]}"
+                f"the compiler ignored {isa_flags(isa)}"
             )
         self.lib = lib
 
@@ -278,7 +289,8 @@ _by_environment: dict[tuple, Library | None] = {}
 def _settings() -> tuple:
     from triton_adder.autotune.lookup import CACHE_DIR_ENV  # noqa: PLC0415
 
-    return tuple(os.environ.get(name) for name in (ISA_ENV, COMPILER_ENV, CACHE_DIR_ENV, "XDG_CACHE_HOME", "HOME"))
+    names = (ISA_ENV, IFMA_ENV, COMPILER_ENV, CACHE_DIR_ENV, "XDG_CACHE_HOME", "HOME")
+    return tuple(os.environ.get(name) for name in names)
 
 
 def load() -> Library | None:
@@ -292,7 +304,7 @@ def load() -> Library | None:
         return _by_environment[settings]
     isa = selected_isa()
     command = compiler_command()
-    key = (isa, tuple(command), str(cache_directory()))
+    key = (isa, isa_flags(isa), tuple(command), str(cache_directory()))
     with _lock:
         found = _loaded.get(key)
         if found is None:
