@@ -68,7 +68,9 @@ class QuantizedAdder2d(nn.Module):
 
     ``y = bias - s * sum |x_q - w_q|`` (module docstring), returned in the input's dtype
     (float16, bfloat16, float32 or float64; computed in float64 and rounded once) and memory format
-    (NCHW or channels_last). Build it with `from_float` or `triton_adder.quantize`.
+    (NCHW or channels_last). Build it with `from_float` or `triton_adder.quantize`. On a CUDA input
+    (the module moved with ``.cuda()``) the Triton int8 kernel (`kernels/forward_int8.py`) computes
+    the same integer sums and rescales them in float32 instead of float64; never run on a GPU yet.
 
     Buffers: `weight_q` (int8, the layer's weight shape), `scale` (float64, 0-d), `bias` (or None).
     The packed weight the kernel reads (8-channel groups, `_pack`) is made once here and again
@@ -165,8 +167,11 @@ class QuantizedAdder2d(nn.Module):
                 "or torch.inference_mode(), or on an input that does not require grad; to train, "
                 "use the float model"
             )
-        if input.device.type != "cpu":
-            raise ValueError(f"QuantizedAdder2d runs on the CPU only, got an input on {input.device}")
+        if input.device.type not in ("cpu", "cuda"):
+            raise ValueError(
+                f"QuantizedAdder2d runs on the CPU only (C kernel) or on CUDA (Triton kernel), got an input on "
+                f"{input.device}"
+            )
         if input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise TypeError(f"input dtype must be float16, bfloat16, float32 or float64, got {input.dtype}")
         if input.shape[-3] != self.in_channels:
@@ -196,6 +201,10 @@ class QuantizedAdder2d(nn.Module):
 
     def _run(self, x: torch.Tensor, integer: bool) -> torch.Tensor:
         geom = self._geometry(tuple(x.shape[-2:]))
+        if x.is_cuda:  # the Triton int8 kernel (kernels/forward_int8.py): the same sums, rescaled in float32
+            from triton_adder.kernels import forward_int8  # noqa: PLC0415
+
+            return forward_int8.forward(x, self.weight_q, self.bias, self.scale_value, geom, integer=integer)
         library = native.load()
         if library is None:
             return self._fallback(x, geom, integer)
