@@ -26,7 +26,8 @@
 #     tests           110  are the kernels right on a GPU? pytest, compiled for the GPU (xdist,
 #                          per-test timeout): $GPU_TESTS -- forward/backward kernels,
 #                          channels_last and strided inputs, float16/bfloat16, autocast, float64
-#                          on CUDA (the torch backend), the convolution identity
+#                          on CUDA (the torch backend), the convolution identity, the int8
+#                          forward kernel in both forms (unpacked and inline-PTX vabsdiff4)
 #     kernel_vs_cudnn 150  how fast against cuDNN? benchmarks/kernel_vs_cudnn.py $KVC_ARGS: float64
 #                          slice checks, then adder vs cuDNN (float32 TF32 off, TF32, float16,
 #                          bfloat16; both gradients) on ResNet-50's 3x3 layers at batch 64, with the
@@ -84,7 +85,7 @@ REPORT_QUICK=${REPORT_QUICK:-1}
 TUNE_CAP_S=${TUNE_CAP_S:-100}  # the tune step's cap (x5 in a rehearsal, as every cap)
 PYTEST_WORKERS=${PYTEST_WORKERS:-8}
 GPU_TESTS="tests/test_kernel_forward.py tests/test_kernel_backward.py tests/test_functional.py
-    tests/test_backends.py tests/test_amp.py tests/test_conv_identity.py"
+    tests/test_backends.py tests/test_amp.py tests/test_conv_identity.py tests/test_kernel_int8.py"
 if [[ $REHEARSAL == 1 ]]; then
     TOTAL_S=${TOTAL_S:-1500}
     MODEL=${MODEL:-lenet5bn}
