@@ -318,21 +318,23 @@ def test_converted_model_learns_and_forcing_every_conv_leaves_dead_layers(build,
     assert not forced.learns()
 
 
-def test_converted_model_runs_under_torch_compile_and_bf16_autocast():
-    torch.manual_seed(0)
-    model = convert(TinyMobileNetV3())
-    x = X[:2, :, :8, :8]
+def assert_runs_compiled_and_under_bf16_autocast(model: nn.Module, x: torch.Tensor) -> None:
+    """torch.compile (fullgraph, aot_eager) gives the eager output; bf16 autocast stays finite; every adder learns."""
     eager = model(x)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # dynamo + AOT autograd, no C++ build
     got = compiled(x)
     torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
     got.sum().backward()
     adders = [m for m in model.modules() if isinstance(m, Adder2d)]
-    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in adders)
+    assert adders and all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in adders)
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     out.float().sum().backward()
-    assert torch.isfinite(out.float()).all() and all(torch.isfinite(m.weight.grad).all() for m in adders)
-    assert all(m.weight.grad.abs().sum() > 0 for m in adders)
+    assert all(torch.isfinite(m.weight.grad).all() and m.weight.grad.abs().sum() > 0 for m in adders)
+
+
+def test_converted_model_runs_under_torch_compile_and_bf16_autocast():
+    torch.manual_seed(0)
+    assert_runs_compiled_and_under_bf16_autocast(convert(TinyMobileNetV3()), X[:2, :, :8, :8])

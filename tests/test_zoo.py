@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.test_convert_consumers import assert_runs_compiled_and_under_bf16_autocast
 from triton_adder import Adder2d, convert
 from triton_adder.backends import use_backend
 from triton_adder.backends.cpu import common
@@ -149,18 +150,4 @@ def test_converted_zoo_model_keeps_shapes_names_kept_layers_and_learns(zoo, arch
 
 @pytest.mark.parametrize("zoo, arch", [("torchvision", "mobilenet_v3_small"), ("timm", "convnext_atto")])
 def test_converted_zoo_model_runs_under_torch_compile_and_bf16_autocast(zoo, arch):
-    model = fit_mode(convert(build(zoo, arch)))
-    x = batch()[0][:2, :, :32, :32]
-    eager = model(x)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # dynamo + AOT autograd, no C++ build
-    got = compiled(x)
-    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
-    got.sum().backward()
-    adders = [m for m in model.modules() if isinstance(m, Adder2d)]
-    assert adders and all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in adders)
-    model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
-    out.float().sum().backward()
-    assert all(torch.isfinite(m.weight.grad).all() and m.weight.grad.abs().sum() > 0 for m in adders)
+    assert_runs_compiled_and_under_bf16_autocast(fit_mode(convert(build(zoo, arch))), batch()[0][:2, :, :32, :32])
