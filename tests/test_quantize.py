@@ -2,17 +2,19 @@
 reference of the quantized math.
 
 The reference quantizes in float64 from the layer's scale (x_q = clamp(round(x * (1/s)), -127, 127),
-w_q from the FLOAT layer's weight, not from the quantized layer's buffers) and sums |x_q - w_q|
-with `F.unfold` (whose zero padding is the quantized zero) and broadcasting: every integer is
-exact in float64, so the kernel's int32 sums must equal it exactly. Every test compiles into its
-own empty cache directory, so nothing passes on a library a previous run left behind. The float
-layers run on the eager CPU path (TRITON_ADDER_CPU_COMPILE=0): no inductor compile time here.
+w_q from the FLOAT layer's weight, not from the quantized layer's buffers; or, for the folded bias,
+w_q unclamped) and sums |x_q - w_q| with `F.unfold` (whose zero padding is the quantized zero) and
+broadcasting: every integer is exact in float64, so the kernel's int32 sums must equal it exactly.
+Every test compiles into its own empty cache directory, so nothing passes on a library a previous
+run left behind. The float layers run on the eager CPU path (TRITON_ADDER_CPU_COMPILE=0): no
+inductor compile time here.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -40,6 +42,7 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv(lookup.CACHE_DIR_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(native.ISA_ENV, raising=False)
     monkeypatch.delenv(native.COMPILER_ENV, raising=False)
+    monkeypatch.delenv(native.IFMA_ENV, raising=False)
     monkeypatch.setenv("TRITON_ADDER_CPU_COMPILE", "0")
     native.clear()
     yield
@@ -59,8 +62,9 @@ ALL_ISAS = [isa_param(isa) for isa in native.ISAS]
 # ------------------------------------------------------------------------------------------------
 
 
-def q64(t: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.round(t.detach().double() * (1.0 / scale)).clamp(-127, 127)
+def q64(t: torch.Tensor, scale: float, clamp: bool = True) -> torch.Tensor:
+    q = torch.round(t.detach().double() * (1.0 / scale))
+    return q.clamp(-127, 127) if clamp else q
 
 
 def tf_same_pads(size, k, s, d):
@@ -68,9 +72,10 @@ def tf_same_pads(size, k, s, d):
     return total // 2, total - total // 2
 
 
-def reference_sums(x, layer: Adder2d, scale: float, tf_same: bool = False) -> torch.Tensor:
-    """sum_k |x_q - w_q| in float64, (N, Cout, Ho, Wo), by unfold and broadcasting."""
-    xq, wq = q64(x, scale), q64(layer.weight, scale)
+def reference_sums(x, layer: Adder2d, scale: float, tf_same: bool = False, clamp_weight: bool = True) -> torch.Tensor:
+    """sum_k |x_q - w_q| in float64, (N, Cout, Ho, Wo), by unfold and broadcasting (w_q unclamped, beyond
+    +-127, if not clamp_weight)."""
+    xq, wq = q64(x, scale), q64(layer.weight, scale, clamp=clamp_weight)
     if xq.dim() == 3:
         xq = xq[None]
     (kh, kw), stride, dilation, g = layer.kernel_size, layer.stride, layer.dilation, layer.groups
@@ -173,6 +178,44 @@ def test_every_register_block_and_k_chunk():
                 assert torch.equal(q.integer_sums(x).double(), expected), q.blocking
 
 
+@pytest.mark.skipif(
+    "avx512ifma" not in native.cpu_flags() or "avx512bw" not in CPU_ISAS,
+    reason="this CPU lacks avx512ifma (or avx512bw): TRITON_ADDER_INT8_IFMA has nothing to switch off",
+)
+def test_ifma_switch_builds_a_second_library_with_identical_sums(monkeypatch):
+    """$TRITON_ADDER_INT8_IFMA=0 builds the AVX-512BW variant without -mavx512ifma (VPADDQ accumulation
+    instead of VPMADD52LUQ): a second library, and both give the reference's exact sums on long
+    reductions (K = 1170 and 1000) over several blockings."""
+    monkeypatch.setenv(native.ISA_ENV, "avx512bw")
+    blockings = [None, native.Blocking(3, 16, 9, 24, 16), native.Blocking(8, 32, 16, 40, 64)]
+    cases = [integer_case(CASES[4]), integer_case(CASES[7])]
+    libraries, sums = {}, {}
+    for setting in ("default", "0"):
+        if setting == "default":
+            monkeypatch.delenv(native.IFMA_ENV, raising=False)
+        else:
+            monkeypatch.setenv(native.IFMA_ENV, setting)
+        assert ("-mavx512ifma" in native.isa_flags("avx512bw")) == (setting == "default")
+        libraries[setting] = native.load()
+        assert libraries[setting].isa == "avx512bw"
+        sums[setting] = []
+        for _, x, q in cases:
+            for blocking in blockings:
+                q.blocking = blocking
+                sums[setting].append(q.integer_sums(x))
+    assert libraries["default"].path != libraries["0"].path
+    expected = [reference_sums(x, layer, q.scale_value) for layer, x, q in cases for _ in blockings]
+    for with_ifma, without, reference in zip(sums["default"], sums["0"], expected):
+        assert torch.equal(with_ifma, without) and torch.equal(with_ifma.double(), reference)
+    objdump = shutil.which("objdump")
+    if objdump:  # the switch changes the instructions, not just the file name
+        text = {
+            setting: subprocess.run([objdump, "-d", str(lib.path)], capture_output=True, text=True, check=True).stdout
+            for setting, lib in libraries.items()
+        }
+        assert "vpmadd52luq" in text["default"] and "vpmadd52luq" not in text["0"]
+
+
 def test_outputs_are_bias_minus_scale_times_sums():
     layer = make_layer(7, 11, 3, stride=1, padding=1, bias=True, seed=5)
     x = torch.randn(3, 7, 6, 5)
@@ -217,20 +260,102 @@ def test_adder2d_same_pads_from_each_input():
         assert torch.equal(got.double(), expected)
 
 
-def test_error_against_the_float_layer_is_within_k_times_s():
-    """|y_int8 - y_float| <= K * s per output (DESIGN.md section 7) when nothing clips: each term
-    ||x - w| - s|x_q - w_q|| <= |x - s x_q| + |w - s w_q| <= s/2 + s/2, and padded taps are exact.
-    The float layer's own float32 rounding gets a small allowance."""
-    layer = make_layer(16, 12, 3, padding=1, bias=True, seed=4)
-    x = torch.randn(2, 16, 8, 8)
-    q = QuantizedAdder2d.from_float(layer, float(x.abs().max()))
+# ------------------------------------------------------------------------------------------------
+# The clamp folded into the bias, the error bound
+# ------------------------------------------------------------------------------------------------
+
+
+def grid_layer(cin, cout, k, stride, padding, seed, s):
+    """A layer whose weights are integers -400..400 times s (most beyond +-127 s, so clamped) and an
+    input within +-127 s reaching 127 s: with s a power of two every float64 step below is exact."""
+    layer = make_layer(cin, cout, k, stride=stride, padding=padding, bias=True, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randint(-400, 401, layer.weight.shape, generator=generator) * s)
+    return layer
+
+
+def grid_input(shape, s, seed):
+    x = (torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * (127 * s)
+    x[0, 0, 0, 0] = 127 * s  # the calibrated max: 127 s / 127 = s exactly
+    return x
+
+
+@pytest.mark.parametrize("path", ["kernel", "no-compiler fallback"])
+def test_clamped_weights_fold_exactly_into_the_bias(path, monkeypatch, tmp_path):
+    """Weights beyond the calibrated input range are clamped to +-127 (w_q) and what the clamp removed
+    is in the bias: for inputs within range the layer equals ``bias - s * sum |x_q - w_q|`` with w_q
+    NOT clamped (up to 400 here), exactly: |x - w| = |x - c| + (|w| - |c|) for |x| <= 127 s <= |c|.
+    Padded taps (x = 0) included. s = 2**-5 and weights on its grid make every float64 step exact."""
+    if path != "kernel":
+        monkeypatch.setenv(native.COMPILER_ENV, str(tmp_path / "no-such-cc"))
+        warnings.simplefilter("ignore", RuntimeWarning)
+    s = 2.0**-5
+    layer = grid_layer(5, 7, 3, 2, 1, seed=11, s=s)
+    x = grid_input((2, 5, 9, 8), s, seed=11)
+    q = quantize(layer, [x])
+    assert q.scale_value == s  # the rule: max |x| / 127, the weights play no part
+    unclamped = q64(layer.weight, s, clamp=False)
+    assert 0.3 < (unclamped.abs() > 127).double().mean() < 0.9  # clamped and unclamped taps both
+    assert torch.equal(q.weight_q.double(), unclamped.clamp(-127, 127))
+    expected = layer.bias.double()[None, :, None, None] - s * reference_sums(x, layer, s, clamp_weight=False)
+    assert torch.equal(q(x.double()), expected)
+    torch.testing.assert_close(q(x).double(), expected, rtol=2**-23, atol=0)
+    # on the grid the weights round exactly, so against the float layer only the input's rounding is left
     with torch.no_grad():
         exact = layer.double()(x.double())
-    error = (q(x.double()) - exact).abs().max().item()
-    k = 16 * 9
-    assert 0 < error <= k * q.scale_value
-    # and the bound is not vacuous: random rounding errors cancel to well under it
-    assert error < 0.5 * k * q.scale_value
+    assert (q(x.double()) - exact).abs().max() <= 3 * 3 * 5 * s / 2
+
+
+def test_triton_path_gets_the_folded_bias():
+    """The CUDA path (`QuantizedAdder2d._triton`, kernels/forward_int8.py) rescales with the folded bias:
+    under the interpreter on the CPU (tests/conftest.py), or on a GPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    s = 2.0**-5
+    layer = grid_layer(6, 5, 3, 1, 1, seed=12, s=s)
+    x = grid_input((1, 6, 5, 4), s, seed=12)
+    q = quantize(layer, [x])
+    expected = layer.bias.double()[None, :, None, None] - s * reference_sums(x, layer, s, clamp_weight=False)
+    folded = layer.bias.double() - q.bias
+    assert folded.min() > 10  # the fold is large: without it the outputs would be far off
+    q = q.to(device)
+    with torch.no_grad():
+        y = q._triton(x.to(device), q._geometry(tuple(x.shape[-2:])), integer=False)
+    assert y.dtype == torch.float32
+    # the kernel's epilogue is float32: bias (rounded to float32) - s * float32(acc)
+    torch.testing.assert_close(y.cpu().double(), expected, rtol=0, atol=8 * 2**-24 * float(q.bias.abs().max()))
+    if device == "cuda":
+        assert torch.equal(q(x.to(device)), y)
+
+
+@pytest.mark.parametrize("reach", [1.0, 0.6], ids=["in-range", "beyond-range"])
+def test_error_against_the_float_layer_within_the_bound(reach):
+    """Per output, against the float layer on the same input (DESIGN.md section 7):
+    |y_int8 - y| <= sum_k |x_k - s x_q,k| + sum_k |c_k - s w_q,k|, c = clamp(w, +-127 s). Within the
+    calibrated range each input term is <= s/2 and each weight term <= s/2 (0 where clamped), so
+    <= K s; an input beyond it clips to 127 s and its term becomes |x| - 127 s (reach 0.6: the scale
+    from 0.6 max |x|). Weights doubled so some are clamped."""
+    layer = make_layer(16, 12, 3, padding=1, bias=True, seed=4)
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+    x = torch.randn(2, 16, 8, 8)
+    q = QuantizedAdder2d.from_float(layer, reach * float(x.abs().max()))
+    s, k = q.scale_value, 16 * 9
+    assert (layer.weight.abs() > 127 * s).any() and (layer.weight.abs() < 127 * s).any()
+    with torch.no_grad():
+        y = q(x.double())
+        exact = layer.double()(x.double())
+    error = (y - exact).abs()
+    input_terms = (x.double() - s * q64(x, s)).abs()
+    clamped = layer.weight.detach().double().clamp(-127 * s, 127 * s)
+    weight_terms = (clamped - s * q.weight_q.double()).abs().sum(dim=(1, 2, 3))
+    bound = F.unfold(input_terms, 3, padding=1).sum(1).view(2, 1, 8, 8) + weight_terms[None, :, None, None]
+    assert (error <= bound + 1e-12 * exact.abs().max()).all()
+    if reach == 1.0:
+        assert bound.max() <= k * s * (1 + 1e-12)
+        assert 0 < error.max() < 0.5 * k * s  # the bound is not vacuous: rounding errors partly cancel
+    else:
+        assert (x.abs() > 127.5 * s).any() and bound.max() > k * s  # clipping exceeds K s, the bound follows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,50 +363,66 @@ def test_error_against_the_float_layer_is_within_k_times_s():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_calibration_picks_the_max_rule_scale():
+def test_calibration_picks_the_input_max_scale():
+    """s = max |x| over every calibration batch / 127, from the input alone (weights of 40 and -900 do not
+    change it); those weights are clamped to +-127 and the clamped amount is the bias."""
     torch.manual_seed(0)
     first, second = Adder2d(2, 3, 3, padding=1), Adder2d(3, 4, 1)
     with torch.no_grad():
         first.weight.uniform_(-0.5, 0.5)
-        first.weight[0, 0, 0, 0] = 0.5
-        second.weight.uniform_(-1, 1)
-        second.weight[1, 2, 0, 0] = -900.0  # the weight dominates this layer's scale
-    model = nn.Sequential(first, nn.ReLU(), second)
+        first.weight[0, 0, 0, 0] = 40.0
+        second.weight.uniform_(-0.9, 0.9)
+        second.weight[1, 2, 0, 0] = -900.0
+    model = nn.Sequential(first, nn.Softsign(), second)
     batches = [torch.full((1, 2, 4, 4), 0.25), torch.randn(2, 2, 4, 4)]
     batches[1][1, 1, 2, 3] = -3.0  # the largest input of the first layer, in the second batch
     q = quantize(model, batches)
     assert q[0].scale_value == 3.0 / 127
     with torch.no_grad():
-        relu_max = max(float(torch.relu(first(b)).abs().max()) for b in batches)
-    assert relu_max < 900
-    assert q[2].scale_value == 900.0 / 127
+        softsign_max = max(float(F.softsign(first(b)).abs().max()) for b in batches)
+    assert 0.5 < softsign_max < 1
+    assert q[2].scale_value == softsign_max / 127
     assert torch.equal(q[0].weight_q.double(), q64(first.weight, 3.0 / 127))
+    assert q[0].weight_q[0, 0, 0, 0] == 127 and q[2].weight_q[1, 2, 0, 0] == -127
+    # the first layer: one weight beyond +-3, in channel 0; no bias of its own
+    torch.testing.assert_close(q[0].bias, torch.tensor([-(40.0 - 3.0), 0.0, 0.0], dtype=torch.float64))
+    excess = (second.weight.detach().double().abs() - softsign_max).clamp_min(0).sum(dim=(1, 2, 3))
+    assert excess[1] > 899 - softsign_max
+    torch.testing.assert_close(q[2].bias, -excess, rtol=1e-14, atol=1e-14)
     # the copy: the original model is untouched, the copy is in eval mode and needs no no_grad
     assert isinstance(model[0], Adder2d) and model.training and model[0].weight.requires_grad
-    assert isinstance(q[0], QuantizedAdder2d) and isinstance(q[1], nn.ReLU) and not q.training
+    assert isinstance(q[0], QuantizedAdder2d) and isinstance(q[1], nn.Softsign) and not q.training
     y = q(batches[1])
     assert y.shape == (2, 4, 4, 4) and not y.requires_grad
 
 
 def test_calibration_accepts_tuples_and_dicts_and_adder_itself():
     layer = make_layer(3, 4, 3, seed=1)
-    x = torch.randn(1, 3, 5, 5)
-    peak = max(float(x.abs().max()), float(layer.weight.detach().abs().max()))
+    x = torch.randn(1, 3, 5, 5) * 2
+    assert float(layer.weight.detach().abs().max()) < float(x.abs().max())  # nothing clamped: no bias appears
     for calibration in ([(x,)], [{"input": x}], iter([x])):
         q = quantize(layer, calibration)
-        assert isinstance(q, QuantizedAdder2d) and q.scale_value == peak / 127
+        assert isinstance(q, QuantizedAdder2d) and q.scale_value == float(x.abs().max()) / 127
+        assert q.bias is None
 
 
 def test_lenet_end_to_end_within_the_propagated_bound():
-    """LeNet-5-BN AdderNet: logits of the int8 model vs the float model.
+    """LeNet-5-BN AdderNet: logits of the int8 model vs the float model, adder weights 8x their
+    initial size so that, as in the trained network (DESIGN.md section 7), they reach far beyond
+    their inputs' range and every adder layer clamps and folds.
 
     Bound, in max-norm, propagated layer by layer (relu and max-pool do not increase it): an adder
     layer with K terms per output, scale s and input error d gives <= K * (d + s + clip), clip =
-    max(0, max|x'| - 127.5 s) for the inputs x' it actually sees; BatchNorm multiplies by
-    max |gamma / sqrt(var + eps)|; the multiplicative 1x1 classifier by its largest row sum of |W|.
+    max(0, max|x'| - 127.5 s) for the inputs x' it actually sees (the folded clamp is exact, so
+    clamped weights add nothing); BatchNorm multiplies by max |gamma / sqrt(var + eps)|; the
+    multiplicative 1x1 classifier by its largest row sum of |W|.
     """
     torch.manual_seed(0)
     model = models.build("lenet5bn", adder=True)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Adder2d):
+                module.weight.mul_(8)
     model.train()
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -293,6 +434,9 @@ def test_lenet_end_to_end_within_the_propagated_bound():
     data = torch.randn(16, 1, 28, 28)
     q = quantize(model, [data[:8], data[8:]])
     assert {name for name, m in q.named_modules() if isinstance(m, QuantizedAdder2d)} == {"conv2", "conv3", "conv4"}
+    for name in ("conv2", "conv3", "conv4"):  # weights clamped in every layer, the clamp folded into a bias
+        layer = getattr(q, name)
+        assert (layer.weight_q.abs() == 127).sum() > 0.1 * layer.weight_q.numel() and layer.bias.max() < 0, name
     seen = {}
     hooks = [
         m.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].abs().max().item()))
@@ -359,8 +503,8 @@ def test_training_mode_and_backward_are_errors():
 def test_quantize_argument_errors():
     model = nn.Sequential(make_layer(3, 4, 3))
     x = torch.randn(1, 3, 5, 5)
-    with pytest.raises(ValueError, match=r"rule must be one of \('max',\)"):
-        quantize(model, [x], rule="mse")
+    with pytest.raises(ValueError, match=r"rule must be one of \('input_max',\)"):
+        quantize(model, [x], rule="max")  # the shared max(max |x|, max |w|) rule is gone
     with pytest.raises(ValueError, match="calibration gave no batches"):
         quantize(model, [])
     with pytest.raises(TypeError, match="calibration .*bare tensor.*list"):
@@ -390,6 +534,11 @@ def test_quantize_argument_errors():
         quantize(model, [bad])
     with pytest.raises(ValueError, match="input_max"):
         QuantizedAdder2d.from_float(make_layer(3, 4, 3), -1.0)
+    infinite = make_layer(3, 4, 3)
+    with torch.no_grad():
+        infinite.weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="weight holds non-finite"):
+        QuantizedAdder2d.from_float(infinite, 1.0)
     with pytest.raises(TypeError, match="Adder2d"):
         QuantizedAdder2d.from_float(nn.Conv2d(3, 4, 3), 1.0)
 

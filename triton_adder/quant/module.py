@@ -2,9 +2,12 @@
 
 Scheme, per adder layer: ONE scale s shared by input and weight (|x - w| needs both in the same
 units), ``x_q = clamp(round(x * (1/s)), -127, 127)`` and the same for w (round half to even, 1/s
-rounded to float64), so ``y = bias - s * sum |x_q - w_q|`` with the sum exact in int32. A padded
-tap reads x_q = 0 exactly. Rule "max": ``s = max(max |x| over the calibration batches, max |w|) /
-127``, so nothing seen in calibration or in the weight is clipped.
+rounded to float64). Rule "input_max": ``s = max |x| over the calibration batches / 127``, from the
+input alone. A weight beyond the input's range, ``|w| > 127 s``, is clamped to ``c = +-127 s``
+(w_q = +-127), and what the clamp removed is folded into the bias: for every ``|x| <= 127 s`` (padded
+taps, x = 0, included), ``|x - w| = |x - c| + (|w| - |c|)`` exactly, the second term independent of x.
+So ``y = b' - s * sum |x_q - w_q|`` with ``b' = bias - sum_taps (|w| - 127 s)_+`` per output channel
+(float64) and the sum exact in int32. A padded tap reads x_q = 0 exactly.
 """
 
 from __future__ import annotations
@@ -21,23 +24,29 @@ from triton_adder.geometry import Conv2dGeometry
 from triton_adder.nn import Adder2d, Adder2dSame, same_padding
 from triton_adder.quant import native
 
-RULES = ("max",)
+RULES = ("input_max",)
 """Calibration rules `quantize` accepts."""
 QMAX = 127
 """Quantized values lie in [-QMAX, QMAX]: symmetric, so |x_q - w_q| <= 254 fits a byte."""
 INT32_SUM_LIMIT = 2**31 - 1
 
 
-def scale_for(input_max: float, weight: torch.Tensor) -> float:
-    """The "max" rule: max(input_max, max |weight|) / 127, as a Python float (float64).
+def scale_for(input_max: float) -> float:
+    """The "input_max" rule: input_max / 127, as a Python float (float64).
 
-    A layer whose calibration inputs and weight are all zero gets 1/127 (as if the max were 1):
-    any positive scale quantizes them exactly.
+    An input that is all zeros gets 1/127 (as if the max were 1): any positive scale quantizes it
+    exactly, and the weights' clamping to +-1 is folded into the bias exactly for it.
     """
-    peak = max(float(input_max), float(weight.detach().abs().max()) if weight.numel() else 0.0)
+    peak = float(input_max)
     if not math.isfinite(peak):
-        raise ValueError(f"cannot quantize: max |x| or max |w| is not finite ({peak})")
+        raise ValueError(f"cannot quantize: max |x| is not finite ({peak})")
     return (peak if peak > 0 else 1.0) / QMAX
+
+
+def clamped_amount(weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per output channel, sum over its taps of (|w| - 127 s)_+ in float64: what clamping the weight to
+    +-127 s removes, a constant for every input within +-127 s (module docstring)."""
+    return (weight.detach().double().abs() - QMAX * scale).clamp_min_(0).flatten(1).sum(1)
 
 
 def quantize_tensor(t: torch.Tensor, scale: float) -> torch.Tensor:
@@ -66,13 +75,19 @@ def _scratch(slot: int, nbytes: int) -> torch.Tensor:
 class QuantizedAdder2d(nn.Module):
     """An `Adder2d` (or `Adder2dSame`) in int8, for inference on the CPU.
 
-    ``y = bias - s * sum |x_q - w_q|`` (module docstring), returned in the input's dtype
+    ``y = b' - s * sum |x_q - w_q|`` (module docstring), returned in the input's dtype
     (float16, bfloat16, float32 or float64; computed in float64 and rounded once) and memory format
     (NCHW or channels_last). Build it with `from_float` or `triton_adder.quantize`. On a CUDA input
     (the module moved with ``.cuda()``) the Triton int8 kernel (`kernels/forward_int8.py`) computes
     the same integer sums and rescales them in float32 instead of float64; never run on a GPU yet.
 
-    Buffers: `weight_q` (int8, the layer's weight shape), `scale` (float64, 0-d), `bias` (or None).
+    Buffers: `weight_q` (int8, the layer's weight shape: the weight clamped to +-127 s, quantized),
+    `scale` (float64, 0-d), `bias` (float64 (Cout,): the layer's bias minus the clamped amount
+    `clamped_amount`, i.e. b'; None when the layer has no bias and no weight was clamped). Any
+    positive `scale` gives the exact fold: `quantize` picks it by the "input_max" rule, `from_float`
+    from a given input_max. For inputs within +-127 s the output differs from the float layer's by
+    rounding alone: per tap at most s/2 for the input and |c - s w_q| <= s/2 for the weight (0 for a
+    clamped one), so at most K s per output (DESIGN.md section 7).
     The packed weight the kernel reads (8-channel groups, `_pack`) is made once here and again
     whenever a state dict is loaded.
 
@@ -100,9 +115,17 @@ class QuantizedAdder2d(nn.Module):
                 f"layer reduces over {cg * kh * kw} elements per output; int32 sums hold at most "
                 f"{INT32_SUM_LIMIT // (2 * QMAX)}"
             )
+        if layer.weight.numel() and not bool(torch.isfinite(layer.weight.detach()).all()):
+            raise ValueError("cannot quantize: the layer's weight holds non-finite values")
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float64))
         self.register_buffer("weight_q", quantize_tensor(layer.weight, scale).to(torch.int8))
-        bias = None if layer.bias is None else layer.bias.detach().clone()
+        clamped = clamped_amount(layer.weight, scale)
+        if layer.bias is None and not bool(clamped.any()):
+            bias = None
+        else:
+            bias = (
+                torch.zeros(cout, dtype=torch.float64) if layer.bias is None else layer.bias.detach().double()
+            ) - clamped
         self.register_buffer("bias", bias)
         self.register_buffer("weight_packed", torch.empty(0, dtype=torch.uint8), persistent=False)
         self._pack()
@@ -111,12 +134,13 @@ class QuantizedAdder2d(nn.Module):
 
     @classmethod
     def from_float(cls, layer: Adder2d, input_max: float) -> QuantizedAdder2d:
-        """Quantize `layer` for inputs whose largest magnitude is `input_max` ("max" rule, `scale_for`)."""
+        """Quantize `layer` for inputs whose largest magnitude is `input_max`: s = input_max / 127 ("input_max"
+        rule, `scale_for`), weights beyond +-127 s clamped and folded into the bias."""
         if not isinstance(input_max, (int, float)) or isinstance(input_max, bool) or not input_max >= 0:
             raise ValueError(f"input_max must be a non-negative number, got {input_max!r}")
         if not isinstance(layer, Adder2d):
             raise TypeError(f"layer must be a triton_adder.nn.Adder2d, got {type(layer).__name__}")
-        return cls(layer, scale_for(input_max, layer.weight))
+        return cls(layer, scale_for(input_max))
 
     def _pack(self) -> None:
         """weight_q -> [groups, tg_pad/8, kpad/8, 8 channels, 8 bytes] uint8 (+128): the kernel's 8-channel
@@ -201,14 +225,19 @@ class QuantizedAdder2d(nn.Module):
 
     def _run(self, x: torch.Tensor, integer: bool) -> torch.Tensor:
         geom = self._geometry(tuple(x.shape[-2:]))
-        if x.is_cuda:  # the Triton int8 kernel (kernels/forward_int8.py): the same sums, rescaled in float32
-            from triton_adder.kernels import forward_int8  # noqa: PLC0415
-
-            return forward_int8.forward(x, self.weight_q, self.bias, self.scale_value, geom, integer=integer)
+        if x.is_cuda:
+            return self._triton(x, geom, integer)
         library = native.load()
         if library is None:
             return self._fallback(x, geom, integer)
         return self._native(library, x, geom, integer)
+
+    def _triton(self, x: torch.Tensor, geom: Conv2dGeometry, integer: bool) -> torch.Tensor:
+        """The Triton int8 kernel (kernels/forward_int8.py): the same sums, rescaled in float32 with the
+        folded bias b'. CUDA inputs come here; tests call it on the CPU under TRITON_INTERPRET=1."""
+        from triton_adder.kernels import forward_int8  # noqa: PLC0415
+
+        return forward_int8.forward(x, self.weight_q, self.bias, self.scale_value, geom, integer=integer)
 
     def _native(self, library: native.Library, x: torch.Tensor, geom: Conv2dGeometry, integer: bool) -> torch.Tensor:
         blocking = (self.blocking or native.DEFAULT_BLOCKING[library.isa]).check("QuantizedAdder2d.blocking")
@@ -339,7 +368,7 @@ def _run_batch(model: nn.Module, batch, index: int) -> None:
         )
 
 
-def quantize(model: nn.Module, calibration, *, rule: str = "max") -> nn.Module:
+def quantize(model: nn.Module, calibration, *, rule: str = "input_max") -> nn.Module:
     """A copy of `model` for int8 inference on the CPU: every `Adder2d` (and `Adder2dSame`) becomes a
     `QuantizedAdder2d`; everything else is untouched. `model` itself is not modified.
 
@@ -350,8 +379,11 @@ def quantize(model: nn.Module, calibration, *, rule: str = "max") -> nn.Module:
             a tuple/list (``model(*args)``) or a dict (``model(**kwargs)``). The copy runs them in
             eval mode under no_grad; forward pre-hooks record each adder layer's max |input|.
             A bare tensor is refused (iterating it would give single images): pass ``[x]``.
-        rule: "max" (`RULES`): ``s = max(max |x| seen, max |w|) / 127`` per layer, so no calibrated
-            value and no weight is clipped; a larger input at inference is clamped to +-127 s.
+        rule: "input_max" (`RULES`, the only one): ``s = max |x| seen / 127`` per layer, from the
+            input alone, so no calibrated input clips; weights beyond +-127 s are clamped and the
+            clamped amount folded into the bias, exact for every input within +-127 s. An input
+            beyond that at inference clips to +-127 s: each such term then errs by up to
+            ``|x| - 127 s`` instead of ``s / 2`` (DESIGN.md section 7).
 
     Returns the copy in eval mode with every parameter's requires_grad off, so it runs without
     torch.no_grad(); a QuantizedAdder2d still raises in training mode or if its input requires grad.
