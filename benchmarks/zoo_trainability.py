@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--max-fit-params", type=float, default=30e6)
     parser.add_argument("--max-grad-params", type=float, default=100e6)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     names, build = builders(args.zoo)
     if args.models:
@@ -126,8 +127,9 @@ def main(argv=None) -> int:
     if out.exists():
         with out.open() as f:
             done = {row["model"] for row in csv.DictReader(f)}
-    torch.set_num_threads(os.cpu_count() or 1)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    torch.set_num_threads(args.threads)
+    machine = platform.processor() or platform.machine()
+    print(f"# {machine}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}")
     for name in names:
         if name in done:
             continue
