@@ -105,20 +105,27 @@ def contestants(shape, float_adder: str):
     return calls
 
 
-def measure(shape, repeats: int, float_adder: str) -> dict[str, float]:
-    """Median ms per contestant, interleaved, after one untimed call each (compiles, first-touch)."""
-    calls = contestants(shape, float_adder)
+def interleaved(calls: dict, repeats: int) -> dict[str, list[float]]:
+    """ms per call for each contestant, one call of each per repetition, order rotated per repetition."""
     names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
     with torch.no_grad():
-        for fn in calls.values():
-            fn()
-        samples: dict[str, list[float]] = {name: [] for name in names}
         for rep in range(repeats):
             order = names[rep % len(names) :] + names[: rep % len(names)]
             for name in order:
                 start = time.perf_counter()
                 calls[name]()
                 samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def measure(shape, repeats: int, float_adder: str) -> dict[str, float]:
+    """Median ms per contestant, interleaved, after one untimed call each (compiles, first-touch)."""
+    calls = contestants(shape, float_adder)
+    with torch.no_grad():
+        for fn in calls.values():
+            fn()
+    samples = interleaved(calls, repeats)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

@@ -49,7 +49,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from int8_layers import geomean, resnet50_shapes  # noqa: E402
+from int8_layers import geomean, interleaved, resnet50_shapes  # noqa: E402
 
 import triton_adder  # noqa: E402
 from triton_adder import models  # noqa: E402
@@ -97,20 +97,6 @@ def quantized_cnn(cnn: nn.Module, calibration: list[torch.Tensor]):
         return convert_fx(prepared).eval(), None
     except Exception as error:  # noqa: BLE001 (reported and the contestant dropped)
         return None, f"{type(error).__name__}: {error}"
-
-
-def interleaved(calls: dict, repeats: int) -> dict[str, list[float]]:
-    """ms per call for each contestant, one call of each per repetition, order rotated per repetition."""
-    names = list(calls)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    with torch.no_grad():
-        for rep in range(repeats):
-            order = names[rep % len(names) :] + names[: rep % len(names)]
-            for name in order:
-                start = time.perf_counter()
-                calls[name]()
-                samples[name].append((time.perf_counter() - start) * 1e3)
-    return samples
 
 
 def breakdown(model: nn.Module, names: set[str], x: torch.Tensor, repeats: int) -> tuple[float, float]:
