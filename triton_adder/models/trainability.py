@@ -81,8 +81,9 @@ def check(
     batch: (inputs, class labels); the models map inputs to logits (cross-entropy loss). Both models are copied
     (in fit mode), so the caller's are untouched. An adder layer named "a.b" (or "a.b.0", as `insert_norm` wraps
     it) is compared with the convolution "a.b" of model_cnn. The fit is SGD (lr, momentum) on every parameter with
-    `triton_adder.adaptive_lr_(model, eta)` after each backward, the paper's recipe; the defaults fit every
-    torchvision CNN tried in `benchmarks/zoo_trainability.py` (results in `results/zoo/`).
+    `triton_adder.adaptive_lr_(model, eta)` after each backward, the paper's recipe. With the defaults, every
+    converted model in `results/zoo/` (`benchmarks/zoo_trainability.py`) learns but torchvision's
+    MobileNetV3-Large, which has no dead layer but fits slowly (see `results/zoo/README.md`).
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
