@@ -220,7 +220,7 @@ def _analyse(model: nn.Module, example_input) -> dict | None:
 def _guessed_input(model: nn.Module) -> torch.Tensor:
     """A random batch of 2 images for a model that fx cannot trace: channels from its first convolution."""
     first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    size = getattr(model, "pretrained_cfg", {}).get("input_size", (first.in_channels, *GUESSED_IMAGE_SIZE))
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (first.in_channels, *GUESSED_IMAGE_SIZE))
     parameter = first.weight
     return torch.randn(2, first.in_channels, *size[-2:], device=parameter.device, dtype=parameter.dtype)
 
