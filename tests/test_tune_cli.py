@@ -281,7 +281,8 @@ def test_lookup_is_memoised_and_never_fails(cache_dir, monkeypatch):
 
 def test_cli_without_interpreter_skips_kernel_tuning_and_never_sets_it(cache_dir, tmp_path, capsys, monkeypatch):
     """No GPU and TRITON_INTERPRET unset: tune does not turn the interpreter on itself (that is the
-    user's choice); it skips kernel tuning and still writes the CPU-path report."""
+    user's choice); it skips kernel tuning, tunes the int8 CPU kernel instead (tests/test_int8_tuning.py)
+    and still writes the CPU-path report."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     written = {}
 
@@ -294,9 +295,9 @@ def test_cli_without_interpreter_skips_kernel_tuning_and_never_sets_it(cache_dir
 
     monkeypatch.setattr(tune, "write_report", fake_write_report)
     monkeypatch.setattr(tune, "tune_model", unreachable)
-    assert tune.main(["--model", "lenet5bn", "--cache-dir", str(cache_dir)]) == 0
+    assert tune.main(["--model", "lenet5bn", "--budget-s", "0.2", "--cache-dir", str(cache_dir)]) == 0
     assert "no kernel tuning" in capsys.readouterr().err
-    assert written["rows"] == [] and os.environ["TRITON_INTERPRET"] == "0"
+    assert [row.op for row in written["rows"]] == ["int8_forward"] * 3 and os.environ["TRITON_INTERPRET"] == "0"
 
 
 def test_cli_refuses_the_interpreter_on_a_gpu_machine(cache_dir, capsys, monkeypatch):

@@ -32,6 +32,13 @@ process tunes every N-th layer problem on its own device (GPU LOCAL_RANK; on the
 one shared cache, whose file lock merges what they store; rank 0 prints the joined table (with the
 rank that tuned each row) and alone benchmarks and writes the report.
 
+Without a GPU it also tunes what runs fast on the CPU itself: the int8 SAD kernel's blocking
+(`--ops int8`, the default there; `autotune.int8`): every unique layer call of the model at the real
+shapes and --batch-size, timed for real by the wall clock (the layer's whole int8 forward), each
+winner kept only if it beats the default interleaved, and cached per CPU model and kernel variant;
+`triton_adder.quantize`d models then run the tuned blocking. It runs on rank 0 only under torchrun
+(processes timing the same CPU at once would disturb each other).
+
 Afterwards it benchmarks the model (`triton_adder.bench.measure`) and writes the HTML report
 (default runs/<model>-<device>/ under the current directory, never a committed folder;
 `--report PATH` elsewhere, `--no-report` skips it). Progress bars (tqdm) go to stderr.
@@ -53,6 +60,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from triton_adder.autotune import int8
 from triton_adder.autotune.problems import INTERPRETER_SPATIAL_CAP
 from triton_adder.autotune.spaces import parse_ops
 from triton_adder.autotune.tuner import SCREEN_FAILED_NOTE, Row, merge_shards, tune_model
@@ -81,6 +89,9 @@ def format_config(config: dict | None) -> str:
         return "-"
     if config.get("method") == "conv_identity":
         return "conv_identity"
+    if "mr" in config:  # the int8 CPU kernel's blocking (`autotune.int8`)
+        return (f"{config['mr']}x{config['nr']} tile {config['mc']}x{config['nc']} kc {config['kc']} "
+                f"t{config['threads']}")
     text = f"{config['block_m']}x{config['block_n']}x{config['block_k']} w{config['num_warps']} s{config['num_stages']}"
     if "method" in config:
         text = f"{config['method']} {text} split {config['split_k']}"
@@ -95,7 +106,10 @@ def format_time(seconds: float | None) -> str:
 
 def functional_note(rows: Sequence[Row]) -> str:
     """What the times of a no-GPU run are (printed under the table and shown in the report)."""
-    note = "times are Triton-interpreter wall clock on the CPU: functional runs, NOT GPU timings"
+    note = "kernel times are Triton-interpreter wall clock on the CPU: functional runs, NOT GPU timings"
+    if any(row.op == int8.OP for row in rows):
+        note += (f"; {int8.OP} rows are real CPU timings of the int8 layer, the winner and the default "
+                 "timed interleaved")
     if any(row.model_shape for row in rows):
         note += (f"; each problem ran shrunk (batch 1, height/width capped at about {INTERPRETER_SPATIAL_CAP}, "
                  "channels divided by one power of two for the whole model, same kernel/stride/padding/dilation/"
@@ -132,6 +146,9 @@ def print_table(rows: list[Row], functional: bool, out=None) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(line, widths)), file=out)
     if functional:
         print(f"NOTE: {functional_note(rows)}.", file=out)
+    elif any(row.op == int8.OP for row in rows):
+        print(f"NOTE: {int8.OP} rows are CPU wall-clock times of the int8 layer on this machine; the winner and "
+              "the default were timed interleaved.", file=out)
 
 
 class ProgressBar:
@@ -202,7 +219,7 @@ def write_report(target: Path | None, rows: list[Row], model_name: str, batch_si
                               progress=True)
     metadata = dict(frame.attrs.get("metadata", {}))
     tuning = rows_frame(rows) if rows else None  # no rows: no kernel tuning ran (CPU, no interpreter)
-    if device.type != "cuda" and rows:
+    if device.type != "cuda" and any(row.op != int8.OP for row in rows):
         metadata["tuning note"] = functional_note(rows)
     if target is None:
         out_dir, html_name = report.default_output_dir(metadata), "report.html"
@@ -230,6 +247,33 @@ def report_screen_failures(rows: Sequence[Row], out=None) -> int:
     return len(failed)
 
 
+def tune_int8_blocking(args: argparse.Namespace, batch: int, explicit: bool) -> list[Row] | None:
+    """Tune the int8 CPU kernel's blocking for every layer call of args.model at `batch` (`autotune.int8`).
+
+    Returns the rows; [] when the kernel cannot be built here and int8 was only the default (a warning
+    said why; the rest of the run goes on); None, after one error line, when it was asked for or the
+    cache cannot be written."""
+    from triton_adder.quant import native  # noqa: PLC0415
+
+    library = native.load()
+    if library is None:
+        print(f"{'error' if explicit else 'warning'}: no int8 tuning: the int8 SAD kernel cannot be built on this "
+              "machine (see the warning above)", file=sys.stderr)
+        return None if explicit else []
+    print(f"int8: model {args.model}, batch {batch}, {torch.get_num_threads()} threads, CPU "
+          f"{int8.cpu_name()} ({int8.identity(library).capability}), cache {int8.cache_for(library).path}",
+          file=sys.stderr)
+    bar = ProgressBar(f"tune int8 {args.model}")
+    try:
+        return int8.tune_model(args.model, batch, args.budget_s or int8.DEFAULT_BUDGET_S, force=args.force,
+                               progress=bar, log=bar.write)
+    except CacheLocationError as error:
+        bar.write(f"error: {error}")
+        return None
+    finally:
+        bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m triton_adder.tune",
@@ -246,10 +290,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"GPU: the report's CPU benchmark batch and the --full-size tuning batch (default "
                              f"{CPU_BATCH}); the functional tuning run always uses batch 1")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--ops", default="fwd,bwd", help="comma list of fwd, bwd, forward, grad_input, grad_weight")
-    parser.add_argument("--budget-s", type=positive_finite_float, default=60.0,
-                        help="search wall time per layer problem and op (s), the compile-time screen included "
-                             "(the default config's run and the winner's check always run)")
+    parser.add_argument("--ops", default=None,
+                        help="comma list of fwd, bwd, forward, grad_input, grad_weight (the Triton kernels) and "
+                             "int8 (the int8 CPU kernel's blocking); default fwd,bwd on a GPU, int8 without one "
+                             "(fwd,bwd,int8 with TRITON_INTERPRET=1)")
+    parser.add_argument("--budget-s", type=positive_finite_float, default=None,
+                        help=f"search wall time per layer problem and op (s), the compile-time screen included "
+                             f"(the default config's run and the winner's check always run); default 60 for the "
+                             f"kernels, {int8.DEFAULT_BUDGET_S:g} for int8")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="tuning cache directory (default $TRITON_ADDER_CACHE_DIR or ~/.cache/triton-adder)")
     parser.add_argument("--report", type=Path, nargs="?", const=None, default=None, metavar="PATH",
@@ -268,10 +316,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(on a GPU: always, for its own arch; off a GPU: sm_90 by default, and under "
                              "TRITON_INTERPRET only with this flag, as each compile takes seconds)")
     args = parser.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    # The interpreter is the user's (or the tests') choice, never set here: it is read when the
+    # kernels are defined, and on a GPU machine it would silently run them on the CPU.
+    interpreter = triton_interpreter_enabled()
+    int8_asked = args.ops is not None and "int8" in args.ops  # asked for, not a default: fail if impossible
+    if args.ops is None:
+        args.ops = "fwd,bwd" if on_gpu else "fwd,bwd,int8" if interpreter else "int8"
+    requested = [part.strip() for part in args.ops.split(",") if part.strip()]
+    tune_int8 = "int8" in requested
+    kernel_ops = [part for part in requested if part != "int8"]
     try:
-        ops = parse_ops(args.ops)
+        ops = parse_ops(",".join(kernel_ops)) if kernel_ops or not tune_int8 else ()
     except ValueError as error:
-        parser.error(str(error))
+        parser.error(f"{error}; or int8 (the int8 CPU kernel's blocking)")
     if args.no_report and args.report is not None:
         parser.error("--report PATH and --no-report exclude each other")
     if not args.no_report:
@@ -279,20 +337,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = args.report if args.report is not None else Path("runs")
         check_writable(parser, "--report", target.parent if target.suffix.lower() in (".html", ".htm") else target)
 
-    on_gpu = torch.cuda.is_available()
-    # The interpreter is the user's (or the tests') choice, never set here: it is read when the
-    # kernels are defined, and on a GPU machine it would silently run them on the CPU.
-    interpreter = triton_interpreter_enabled()
     if on_gpu and interpreter:
         parser.error("TRITON_INTERPRET is set on a machine with a GPU: unset it (the interpreter would run "
                      "the kernels on the CPU)")
-    tune_kernels = on_gpu or interpreter
+    tune_kernels = bool(ops) and (on_gpu or interpreter)
     shrink = not on_gpu and not args.full_size
-    if not tune_kernels:
+    if not on_gpu and not interpreter:
         print("No CUDA device and TRITON_INTERPRET unset: no kernel tuning (the Triton kernels need a GPU; "
-              "TRITON_INTERPRET=1 gives a functional tuning run through the interpreter). The report benchmarks "
-              "the CPU path.", file=sys.stderr)
-    elif not on_gpu:
+              "TRITON_INTERPRET=1 gives a functional tuning run through the interpreter)"
+              + ("; tuning the int8 CPU kernel" if tune_int8 else "") + ". The report benchmarks the CPU path.",
+              file=sys.stderr)
+    elif tune_kernels and not on_gpu:
         print(
             "No CUDA device: functional tuning run through the Triton interpreter on the CPU ("
             + ("each layer problem shrunk to batch 1, a small spatial size and fewer channels" if shrink
@@ -311,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quick = args.quick or not on_gpu
     dtype = DTYPES[args.dtype]
     rows = []
+    started_all = time.perf_counter()
     if tune_kernels:
         identity = lookup.identity(device)
         cache = lookup.cache_for(device)
@@ -322,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar = ProgressBar(f"tune {args.model}" + (f" rank {context.rank}" if context.distributed else ""))
         try:
             cache.check_writable()  # before the run, not after its first hour of tuning
-            rows = tune_model(args.model, batch, dtype, ops, args.budget_s, cache, device, quick,
+            rows = tune_model(args.model, batch, dtype, ops, args.budget_s or 60.0, cache, device, quick,
                               channels_last=args.channels_last, force=args.force, grad_mode=args.grad_mode,
                               screen_arch=args.screen_arch, progress=bar, log=bar.write, shrink=shrink,
                               shard=(context.rank, context.world_size))
@@ -338,9 +394,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if any(row.status == "failed" for row in rows) else 0
     distributed.teardown(context)
     if tune_kernels:
-        print_table(rows, functional=not on_gpu)
-        print(f"tuning took {time.perf_counter() - started:.0f} s", file=sys.stderr)
         report_screen_failures(rows)
+    if tune_int8:
+        int8_rows = tune_int8_blocking(args, batch if not on_gpu else args.batch_size or CPU_BATCH,
+                                       explicit=int8_asked)
+        if int8_rows is None:
+            return 2
+        rows += int8_rows
+    if rows:
+        print_table(rows, functional=tune_kernels and not on_gpu)
+        print(f"tuning took {time.perf_counter() - started_all:.0f} s", file=sys.stderr)
     if not args.no_report:
         print(f"benchmarking the model for the report ({'GPU' if on_gpu else 'CPU path, real shapes'}, "
               f"batch {batch}) ...", file=sys.stderr)

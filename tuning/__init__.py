@@ -7,7 +7,7 @@ Tuned configs for known GPUs ship as read-only JSON in ``tuning/configs/``; comp
 verdicts (`verdicts`: valid for one Triton version, target and kernel source) in ``tuning/screens/``.
 """
 
-from .benchmark import CudaEventBenchmarker, Measurement, WallClockBenchmarker, benchmarker_for
+from .benchmark import CudaEventBenchmarker, Measurement, WallClockBenchmarker, benchmarker_for, interleaved
 from .cache import CacheHit, CacheLocationError, DeviceIdentity, TuningCache, bucket, device_identity
 from .prune import PruneResult, ScreenOutOfTime, ScreenResult, prune, screen_configs, screen_time_left
 from .search import Evaluation, ScreenFailed, TuningResult, search
@@ -57,6 +57,7 @@ __all__ = [
     "config_key",
     "device_identity",
     "estimate_at_most",
+    "interleaved",
     "load_verdicts",
     "next_power_of_two",
     "prune",

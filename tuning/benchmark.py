@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,26 @@ class WallClockBenchmarker:
             fn()
             samples.append(time.perf_counter() - start)
         return Measurement(statistics.median(samples), tuple(samples), functional=True)
+
+
+def interleaved(calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, Measurement]:
+    """Wall-clock time of several callables measured side by side: each repetition calls every one once,
+    the order rotated per repetition, so a load change on a shared machine hits them all alike (two
+    medians taken one after the other can differ 2x on a noisy box). warmup untimed rounds first."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    for rep in range(repeats):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            samples[name].append(time.perf_counter() - start)
+    return {name: Measurement(statistics.median(values), tuple(values), functional=True)
+            for name, values in samples.items()}
 
 
 class CudaEventBenchmarker:

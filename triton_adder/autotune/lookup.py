@@ -175,6 +175,11 @@ def _check_problem(problem: dict, where: str, sizes: tuple[str, ...]) -> None:
             raise ValueError(f"{where}.{name} must be {'[int, int]' if name in _PAIRS else 'an int'}, got {value!r}")
 
 
+def check_problem_key(problem: dict, where: str) -> None:
+    """ValueError (naming `where`) unless `problem` is a `problem_key` of a real layer call."""
+    _check_problem(problem, where, _SIZES)
+
+
 def parse_config(op: str, values: dict, grad_mode: str) -> KernelConfig | GradWeightChoice:
     """A cached config of `op` as its launcher takes it; ValueError unless the launcher would launch it."""
     if op == "grad_weight":

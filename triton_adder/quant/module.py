@@ -94,8 +94,9 @@ class QuantizedAdder2d(nn.Module):
     Inference only: in training mode, or when a gradient would flow through it (grad enabled and
     an input that requires grad), it raises a RuntimeError; there is no backward.
 
-    `blocking`: None runs `native.DEFAULT_BLOCKING` of the variant in use; a `native.Blocking`
-    overrides it (for tuning).
+    `blocking`: None runs the blocking `python -m triton_adder.tune` cached for this CPU, layer shape
+    and thread count (`autotune.int8.blocking_for`), else `native.DEFAULT_BLOCKING` of the variant in
+    use; a `native.Blocking` overrides both (the tuner sets it, benchmarks compare).
     """
 
     def __init__(self, layer: Adder2d, scale: float):
@@ -240,12 +241,18 @@ class QuantizedAdder2d(nn.Module):
         return forward_int8.forward(x, self.weight_q, self.bias, self.scale_value, geom, integer=integer)
 
     def _native(self, library: native.Library, x: torch.Tensor, geom: Conv2dGeometry, integer: bool) -> torch.Tensor:
-        blocking = (self.blocking or native.DEFAULT_BLOCKING[library.isa]).check("QuantizedAdder2d.blocking")
         n, c, h, w = x.shape
         (kh, kw), (ho, wo) = self.kernel_size, geom.out_size
         g, cout = self.groups, self.out_channels
         tg_pad, kpad = self.padded_sizes
         threads = torch.get_num_threads()
+        if self.blocking is not None:
+            blocking = self.blocking.check("QuantizedAdder2d.blocking")
+        else:
+            from triton_adder.autotune import int8  # noqa: PLC0415  (the tuning cache: only when needed)
+
+            blocking = int8.blocking_for(library, x.shape, self.weight_q.shape, geom, threads)
+        threads = min(threads, blocking.threads or threads)
         dtype = x.dtype
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()

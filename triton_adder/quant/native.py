@@ -72,18 +72,23 @@ OUT_F32, OUT_F64, OUT_I32 = 0, 1, 2
 class Blocking:
     """The kernel's blocking: mr positions x nr output channels in registers (mr * nr/8 zmm
     accumulators, twice as many ymm), mc positions x nc channels per task (an int32 tile), kc bytes
-    of K per chunk. mr in `MICRO_MR`, nr in `MICRO_NR`; mc a multiple of mr; nc of 8; kc of 8."""
+    of K per chunk. mr in `MICRO_MR`, nr in `MICRO_NR`; mc a multiple of mr; nc of 8; kc of 8.
+    threads: the most OpenMP threads one call uses (None: ``torch.get_num_threads()``; a layer never
+    uses more than that): a small layer can run faster on fewer threads than on all of them."""
 
     mr: int
     nr: int
     mc: int
     nc: int
     kc: int
+    threads: int | None = None
 
     def check(self, argument: str = "blocking") -> Blocking:
         """self, or a ValueError naming `argument` and what is accepted."""
-        for name in ("mr", "nr", "mc", "nc", "kc"):
+        for name in ("mr", "nr", "mc", "nc", "kc", "threads"):
             value = getattr(self, name)
+            if name == "threads" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{argument}.{name} must be a positive int, got {value!r}")
         if self.mr not in MICRO_MR or self.nr not in MICRO_NR:
