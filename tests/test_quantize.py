@@ -432,7 +432,7 @@ def test_lenet_end_to_end_within_the_propagated_bound():
             model(torch.randn(32, 1, 28, 28))
     model.eval()
     data = torch.randn(16, 1, 28, 28)
-    q = quantize(model, [data[:8], data[8:]])
+    q = quantize(model, [data[:8], data[8:]], fold_batchnorm=False)
     assert {name for name, m in q.named_modules() if isinstance(m, QuantizedAdder2d)} == {"conv2", "conv3", "conv4"}
     for name in ("conv2", "conv3", "conv4"):  # weights clamped in every layer, the clamp folded into a bias
         layer = getattr(q, name)
@@ -463,6 +463,18 @@ def test_lenet_end_to_end_within_the_propagated_bound():
     # the argmax agrees on most images (not guaranteed by the bound; a wrong kernel would scramble it)
     agree = (logits_int8.argmax(1) == logits_float.argmax(1)).float().mean().item()
     assert agree >= 0.75, agree
+    # the default folds bn2-bn4 into the adder layers' rescale: the same integer sums, so the same bound holds
+    # (float roundings differ, and can move a later layer's input across a quantization step)
+    folded = quantize(model, [data[:8], data[8:]])
+    assert [name for name in ("bn2", "bn3", "bn4") if isinstance(getattr(folded, name), nn.Identity)] == [
+        "bn2",
+        "bn3",
+        "bn4",
+    ]
+    with torch.no_grad():
+        logits_folded = folded(data)
+    assert 0 < (logits_folded - logits_float).abs().max().item() <= bound
+    assert (logits_folded.argmax(1) == logits_float.argmax(1)).float().mean().item() >= 0.75
 
 
 def test_state_dict_round_trip_repacks_the_weight():
@@ -473,6 +485,156 @@ def test_state_dict_round_trip_repacks_the_weight():
     other.load_state_dict(q.state_dict())
     assert torch.equal(other(x), q(x))
     assert set(q.state_dict()) == {"scale", "weight_q", "bias"}
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm folded into the rescale
+# ------------------------------------------------------------------------------------------------
+
+
+def random_norm(channels: int, seed: int, affine: bool = True) -> nn.BatchNorm2d:
+    """An eval BatchNorm2d with statistics and affine parameters far from the identity (some gammas negative)."""
+    generator = torch.Generator().manual_seed(seed)
+    norm = nn.BatchNorm2d(channels, affine=affine, eps=1e-3).eval()
+    norm.running_mean.copy_(torch.randn(channels, generator=generator) * 20)
+    norm.running_var.copy_(torch.rand(channels, generator=generator) * 50 + 0.5)
+    if affine:
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(channels, generator=generator) * 2)
+            norm.bias.copy_(torch.randn(channels, generator=generator))
+    return norm
+
+
+def normalised_reference(x, layer: Adder2d, q: QuantizedAdder2d, norm: nn.BatchNorm2d) -> torch.Tensor:
+    """The norm applied in float64 to the unfolded quantized layer's float64 output (bias b' - s * sums)."""
+    bias = torch.zeros(layer.out_channels, dtype=torch.float64) if q.bias is None else q.bias
+    y = bias[None, :, None, None] - q.scale_value * reference_sums(x, layer, q.scale_value)
+    ones = torch.ones(layer.out_channels, dtype=torch.float64)
+    gamma = norm.weight.detach().double() if norm.weight is not None else ones
+    beta = norm.bias.detach().double() if norm.bias is not None else 0 * ones
+    mean, var = norm.running_mean.double(), norm.running_var.double()
+    per_channel = [t[:, None, None] for t in (gamma, beta, mean, var)]
+    gamma, beta, mean, var = per_channel
+    return (y - mean) / torch.sqrt(var + norm.eps) * gamma + beta
+
+
+@pytest.mark.parametrize("path", ["kernel", "no-compiler fallback", "triton"])
+@pytest.mark.parametrize("bias, affine", [(True, True), (False, False)], ids=["bias-affine", "no-bias-no-affine"])
+def test_folded_batchnorm_equals_the_norm_of_the_layer_output(path, bias, affine, monkeypatch, tmp_path):
+    if path == "no-compiler fallback":
+        monkeypatch.setenv(native.COMPILER_ENV, str(tmp_path / "no-such-cc"))
+        warnings.simplefilter("ignore", RuntimeWarning)
+    layer = make_layer(10, 12, 3, stride=2, padding=1, groups=2, bias=bias, seed=21)
+    x = torch.randn(2, 10, 9, 7)
+    q = QuantizedAdder2d.from_float(layer, float(x.abs().max()))
+    norm = random_norm(12, seed=21, affine=affine)
+    expected = normalised_reference(x, layer, q, norm)
+    assert q.fold_batchnorm_(norm) is q and q.output_scale.dtype == torch.float64
+    if path == "triton":
+        with torch.no_grad():
+            y = q._triton(x, q._geometry(tuple(x.shape[-2:])), integer=False)
+    else:
+        y = q(x.double())
+        # float64 out: b'' - (a s) * sum vs a * (b' - s * sum) + c, a few float64 roundings apart
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+        y = q(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, rtol=2**-23, atol=2**-23 * float(expected.abs().max()))
+    assert "batchnorm folded" in repr(q)
+
+
+def test_fold_batchnorm_errors():
+    q = QuantizedAdder2d.from_float(make_layer(4, 6, 1, seed=1), 1.0)
+    with pytest.raises(ValueError, match="BatchNorm2d over 6 channels"):
+        q.fold_batchnorm_(nn.BatchNorm2d(5))
+    with pytest.raises(ValueError, match="BatchNorm2d over 6 channels"):
+        q.fold_batchnorm_(nn.GroupNorm(2, 6))
+    with pytest.raises(ValueError, match="no running statistics"):
+        q.fold_batchnorm_(nn.BatchNorm2d(6, track_running_stats=False))
+    zero_var = nn.BatchNorm2d(6, eps=0.0).eval()
+    zero_var.running_var.zero_()
+    with pytest.raises(ValueError, match="non-finite"):
+        q.fold_batchnorm_(zero_var)
+    assert q.output_scale is None  # a refused fold changes nothing
+
+
+class ActNorm(nn.BatchNorm2d):
+    """A BatchNorm2d subclass with an activation inside, as timm's BatchNormAct2d: never folded."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class Blocks(nn.Module):
+    """One adder layer per folding rule: a = its norm alone reads it (folded); b = its output also feeds a
+    residual addition; c = its norm is called twice; d = a BatchNorm2d subclass; e = a GroupNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e = (make_layer(6, 6, 3, padding=1, seed=i) for i in range(5))
+        self.norm_a, self.norm_b, self.norm_c = (random_norm(6, seed=i) for i in range(3))
+        self.norm_d = ActNorm(6).eval()
+        self.norm_e = nn.GroupNorm(2, 6)
+
+    def forward(self, x):
+        x = self.norm_a(self.a(x))
+        y = self.b(x)
+        x = self.norm_b(y) + y
+        x = self.norm_c(self.norm_c(self.c(x)))
+        x = self.norm_d(self.d(x))
+        return self.norm_e(self.e(x))
+
+
+def test_quantize_folds_only_a_norm_that_alone_reads_an_adder_layer():
+    torch.manual_seed(3)
+    model = Blocks().double().eval()  # float64 throughout: the two models agree to float64 roundings
+    calibration = [torch.randn(2, 6, 7, 7, dtype=torch.float64)]
+    folded = quantize(model, calibration)
+    kept = quantize(model, calibration, fold_batchnorm=False)
+    assert isinstance(folded.norm_a, nn.Identity) and folded.a.output_scale is not None
+    for name in ("b", "c", "d", "e"):
+        assert getattr(folded, name).output_scale is None, name
+        assert type(getattr(folded, f"norm_{name}")) is type(getattr(model, f"norm_{name}")), name
+    assert all(type(module) is not nn.Identity for module in kept.modules())
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        y_folded, y_kept = folded(x), kept(x)
+    torch.testing.assert_close(y_folded, y_kept, rtol=1e-9, atol=1e-9)
+    assert isinstance(model.norm_a, nn.BatchNorm2d) and model.a.__class__ is Adder2d  # the model is untouched
+
+
+class ValueBranch(nn.Module):
+    """Control flow on a value: fx cannot trace it, so nothing is folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = make_layer(4, 4, 1, seed=4)
+        self.norm = random_norm(4, seed=4)
+
+    def forward(self, x):
+        y = self.norm(self.a(x))
+        return y if float(y.mean()) > -1e30 else -y
+
+
+def test_quantize_keeps_the_norms_of_a_model_fx_cannot_trace():
+    model = ValueBranch().eval()
+    x = torch.randn(1, 4, 5, 5)
+    quantized = quantize(model, [x])
+    assert isinstance(quantized.norm, nn.BatchNorm2d) and quantized.a.output_scale is None
+    expected = normalised_reference(x, model.a, quantized.a, model.norm)
+    y = quantized(x)  # the layer's float32 output, then the float32 norm: a few float32 roundings
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_folded_state_dict_round_trip():
+    model = nn.Sequential(make_layer(5, 8, 3, padding=1, bias=True, seed=9), random_norm(8, seed=9)).eval()
+    x = torch.randn(2, 5, 6, 6)
+    first = quantize(model, [x])
+    second = quantize(nn.Sequential(make_layer(5, 8, 3, padding=1, bias=True, seed=10), random_norm(8, seed=10)), [x])
+    assert not torch.equal(second(x), first(x))
+    second.load_state_dict(first.state_dict())
+    assert torch.equal(second(x), first(x))
+    assert set(first.state_dict()) == {"0.scale", "0.weight_q", "0.bias", "0.output_scale"}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,12 +12,13 @@ So ``y = b' - s * sum |x_q - w_q|`` with ``b' = bias - sum_taps (|w| - 127 s)_+`
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import threading
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from triton_adder.functional import resolve_geometry
 from triton_adder.geometry import Conv2dGeometry
@@ -128,6 +129,7 @@ class QuantizedAdder2d(nn.Module):
                 torch.zeros(cout, dtype=torch.float64) if layer.bias is None else layer.bias.detach().double()
             ) - clamped
         self.register_buffer("bias", bias)
+        self.register_buffer("output_scale", None)  # per channel, once a BatchNorm is folded in (`fold_batchnorm_`)
         self.register_buffer("weight_packed", torch.empty(0, dtype=torch.uint8), persistent=False)
         self._pack()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._pack())
@@ -143,9 +145,37 @@ class QuantizedAdder2d(nn.Module):
             raise TypeError(f"layer must be a triton_adder.nn.Adder2d, got {type(layer).__name__}")
         return cls(layer, scale_for(input_max))
 
+    def fold_batchnorm_(self, norm: nn.BatchNorm2d) -> QuantizedAdder2d:
+        """Fold an eval-mode BatchNorm2d that takes this layer's output into the rescale, in place.
+
+        The norm is ``a * y + c`` per channel, with ``a = gamma / sqrt(running_var + eps)`` and
+        ``c = beta - a * running_mean``, so ``a * (b' - s * sum) + c = (a b' + c) - (a s) * sum``: the
+        bias becomes ``a b' + c`` and the rescale ``a s`` per channel (`output_scale`, float64), at no
+        cost in the epilogue, and the norm's own pass over the output goes away. Exact up to float64
+        rounding; the error bound of the class docstring is multiplied by |a|. Returns self.
+        """
+        if not isinstance(norm, nn.BatchNorm2d) or norm.num_features != self.out_channels:
+            raise ValueError(f"norm must be a BatchNorm2d over {self.out_channels} channels, got {norm!r}")
+        if norm.running_mean is None or norm.running_var is None:
+            raise ValueError("norm has no running statistics (track_running_stats=False): nothing fixed to fold")
+        factor = (norm.running_var.detach().double() + norm.eps).rsqrt()
+        if norm.weight is not None:
+            factor = factor * norm.weight.detach().double()
+        shift = -factor * norm.running_mean.detach().double()
+        if norm.bias is not None:
+            shift = shift + norm.bias.detach().double()
+        bias = shift if self.bias is None else factor * self.bias + shift
+        scale = self.output_scale if self.output_scale is not None else torch.full_like(factor, self.scale_value)
+        if not (bool(torch.isfinite(bias).all()) and bool(torch.isfinite(factor * scale).all())):
+            raise ValueError("cannot fold the BatchNorm: its statistics give a non-finite scale or shift")
+        self.bias, self.output_scale = bias, factor * scale
+        self._pack()
+        return self
+
     def _pack(self) -> None:
         """weight_q -> [groups, tg_pad/8, kpad/8, 8 channels, 8 bytes] uint8 (+128): the kernel's 8-channel
-        weight groups, K in (tap row, tap column, channel) order and in 8-byte steps; filler is 128."""
+        weight groups, K in (tap row, tap column, channel) order and in 8-byte steps; filler is 128. Also the
+        epilogue's float64 per-channel rescale (`output_scale`, else s for every channel)."""
         cout, cg, kh, kw = self.weight_q.shape
         g, tg, k = self.groups, cout // self.groups, cg * kh * kw
         tg_pad = -(-tg // native.CHANNEL_GROUP) * native.CHANNEL_GROUP
@@ -155,6 +185,10 @@ class QuantizedAdder2d(nn.Module):
         groups = rows.reshape(g, tg_pad // 8, 8, kpad // 8, 8).permute(0, 1, 3, 2, 4)
         self.weight_packed = groups.contiguous()
         self.padded_sizes = (tg_pad, kpad)
+        if self.output_scale is not None:
+            self.epilogue_scale = self.output_scale.double().contiguous()
+        else:
+            self.epilogue_scale = torch.full((cout,), self.scale_value, dtype=torch.float64)
 
     @property
     def scale_value(self) -> float:
@@ -165,6 +199,8 @@ class QuantizedAdder2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"scale={self.scale_value:.6g}"
         )
+        if self.output_scale is not None:
+            text += ", batchnorm folded"
         if self.padding != (0, 0):
             text += f", padding={self.padding!r}"
         if self.tf_same:
@@ -238,7 +274,11 @@ class QuantizedAdder2d(nn.Module):
         folded bias b'. CUDA inputs come here; tests call it on the CPU under TRITON_INTERPRET=1."""
         from triton_adder.kernels import forward_int8  # noqa: PLC0415
 
-        return forward_int8.forward(x, self.weight_q, self.bias, self.scale_value, geom, integer=integer)
+        if self.output_scale is None or integer:
+            return forward_int8.forward(x, self.weight_q, self.bias, self.scale_value, geom, integer=integer)
+        # A folded BatchNorm scales each channel: the kernel's int32 sums, rescaled here in float64.
+        sums = forward_int8.forward(x, self.weight_q, None, self.scale_value, geom, integer=True)
+        return self._rescale(sums, x)
 
     def _native(self, library: native.Library, x: torch.Tensor, geom: Conv2dGeometry, integer: bool) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -320,7 +360,7 @@ class QuantizedAdder2d(nn.Module):
             s_c,
             s_w,
             None if bias is None else bias.data_ptr(),
-            self.scale_value,
+            self.epilogue_scale.data_ptr(),
             blocking.mr,
             blocking.nr,
             blocking.mc,
@@ -349,7 +389,13 @@ class QuantizedAdder2d(nn.Module):
             sums = -adder2d(xq, wq, None, geom.stride, 0, geom.dilation, self.groups)
         if integer:
             return sums.round().to(torch.int32)
-        out = sums.double() * -self.scale_value
+        return self._rescale(sums, x)
+
+    def _rescale(self, sums: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """bias - output scale * sums in float64, rounded once to x's dtype, in x's memory format (the C
+        kernel's epilogue, for the paths that compute the sums elsewhere)."""
+        scale = self.epilogue_scale.to(sums.device)[None, :, None, None]
+        out = sums.double() * -scale
         if self.bias is not None:
             out += self.bias.double()[None, :, None, None]
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -375,7 +421,46 @@ def _run_batch(model: nn.Module, batch, index: int) -> None:
         )
 
 
-def quantize(model: nn.Module, calibration, *, rule: str = "input_max") -> nn.Module:
+class _Tracer(fx.Tracer):
+    """fx's tracer, with the quantized layers (their forward calls ctypes) and every batch norm as leaves (a
+    subclass such as timm's BatchNormAct2d checks its input's rank, which a trace cannot)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (QuantizedAdder2d, nn.modules.batchnorm._BatchNorm)) or super().is_leaf_module(
+            module, qualified_name
+        )
+
+
+def fold_batchnorms_(model: nn.Module) -> list[str]:
+    """Fold into its `QuantizedAdder2d` every BatchNorm2d that is the sole consumer of that layer's output
+    (`QuantizedAdder2d.fold_batchnorm_`), replacing the norm by nn.Identity, in place; returns the folded
+    norms' names. Found with a torch.fx trace: the layer and the norm each called once, the norm on the
+    layer's output alone, nothing else reading that output; a BatchNorm2d subclass (timm's BatchNormAct2d
+    adds an activation) is left alone, and so is every norm of a model fx cannot trace."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001  (control flow on values, unsupported ops: an optimisation skipped)
+        return []
+    calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
+    folded = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), QuantizedAdder2d):
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or users[0].args != (node,) or users[0].kwargs:
+            continue
+        name = users[0].target
+        norm = model.get_submodule(name)
+        if type(norm) is not nn.BatchNorm2d or norm.running_mean is None or calls[name] != 1 or calls[node.target] != 1:
+            continue
+        model.get_submodule(node.target).fold_batchnorm_(norm)
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attribute, nn.Identity())
+        folded.append(name)
+    return folded
+
+
+def quantize(model: nn.Module, calibration, *, rule: str = "input_max", fold_batchnorm: bool = True) -> nn.Module:
     """A copy of `model` for int8 inference on the CPU: every `Adder2d` (and `Adder2dSame`) becomes a
     `QuantizedAdder2d`; everything else is untouched. `model` itself is not modified.
 
@@ -391,6 +476,9 @@ def quantize(model: nn.Module, calibration, *, rule: str = "input_max") -> nn.Mo
             clamped amount folded into the bias, exact for every input within +-127 s. An input
             beyond that at inference clips to +-127 s: each such term then errs by up to
             ``|x| - 127 s`` instead of ``s / 2`` (DESIGN.md section 7).
+        fold_batchnorm: fold each BatchNorm2d that only normalises an adder layer's output into that
+            layer's rescale and replace it by nn.Identity (`fold_batchnorms_`; the norm's statistics
+            must be those the model runs with: the copy is in eval mode). False keeps every norm.
 
     Returns the copy in eval mode with every parameter's requires_grad off, so it runs without
     torch.no_grad(); a QuantizedAdder2d still raises in training mode or if its input requires grad.
@@ -460,6 +548,8 @@ def quantize(model: nn.Module, calibration, *, rule: str = "input_max") -> nn.Mo
         parent_name, _, attribute = name.rpartition(".")
         parent = copied.get_submodule(parent_name) if parent_name else copied
         setattr(parent, attribute, QuantizedAdder2d.from_float(module, maxima[name]))
+    if fold_batchnorm:
+        fold_batchnorms_(copied)
     for parameter in copied.parameters():
         parameter.requires_grad_(False)
     return copied

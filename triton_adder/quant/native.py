@@ -266,7 +266,7 @@ class Library:
             i64,
             i64,
             ptr,
-            f64,
+            ptr,
             i32,
             i32,
             i64,

@@ -402,14 +402,15 @@ enum { TA_OUT_F32 = 0, TA_OUT_F64 = 1, TA_OUT_I32 = 2 };
 /* For each group g, position row < m and channel t < tg:
  *   sum = sum_k |A[g][row][k] - W(g, t, k)|
  * written at out + img*s_n + (g*tg + t)*s_c + pix*s_p (row = img*hw + pix) as
- *   out_kind 0/1: bias[g*tg + t] - scale * sum in float32/float64 (bias may be NULL), computed in double;
+ *   out_kind 0/1: bias[ch] - scale[ch] * sum in float32/float64, ch = g*tg + t (bias may be NULL; scale per
+ *                 output channel: the layer's scale s, times a folded BatchNorm's factor), computed in double;
  *   out_kind 2:   the int32 sum itself.
  * m_pad must be a multiple of mr and of nothing else; mc a multiple of mr; nr and nc multiples of 8
  * (nr <= 32); tg_pad, kpad and kc multiples of 8. Returns 0, -1 for blocking it does not accept (the
  * caller checks first), -2 if a tile could not be allocated. */
 int ta_sad_forward(const uint8_t *a, int64_t m, int64_t m_pad, const uint8_t *wt, int64_t tg, int64_t tg_pad,
                    int64_t groups, int64_t kpad, int64_t hw, void *out, int out_kind, int64_t s_n, int64_t s_c,
-                   int64_t s_p, const double *bias, double scale, int mr, int nr, int64_t mc, int64_t nc,
+                   int64_t s_p, const double *bias, const double *scale, int mr, int nr, int64_t mc, int64_t nc,
                    int64_t kc, int nthreads) {
     if (pick_micro(mr, nr / 8) == NULL || nr % 8 || mc <= 0 || nc <= 0 || kc <= 0 || mc % mr || nc % 8 ||
         m_pad % mr || tg_pad % 8 || kc % 8 || kpad % 8 || out_kind < 0 || out_kind > 2)
@@ -450,7 +451,7 @@ int ta_sad_forward(const uint8_t *a, int64_t m, int64_t m_pad, const uint8_t *wt
                         if (out_kind == TA_OUT_I32)
                             ((int32_t *)out)[off + t] = sum;
                         else {
-                            const double y = (bias != NULL ? bias[g * tg + t] : 0.0) - scale * (double)sum;
+                            const double y = (bias != NULL ? bias[g * tg + t] : 0.0) - scale[g * tg + t] * (double)sum;
                             if (out_kind == TA_OUT_F64)
                                 ((double *)out)[off + t] = y;
                             else
@@ -461,7 +462,7 @@ int ta_sad_forward(const uint8_t *a, int64_t m, int64_t m_pad, const uint8_t *wt
             } else {
                 for (int64_t t = t0; t < t_end; t++) {
                     const int64_t ch = g * tg + t;
-                    const double b = bias != NULL ? bias[ch] : 0.0;
+                    const double b = bias != NULL ? bias[ch] : 0.0, scale_ch = scale[ch];
                     const int32_t *column = tile + (t - t0) * rows;
                     /* runs of positions within one image: contiguous in the output when s_p == 1 (NCHW) */
                     for (int64_t r = m0; r < r_end;) {
@@ -475,15 +476,15 @@ int ta_sad_forward(const uint8_t *a, int64_t m, int64_t m_pad, const uint8_t *wt
                         } else if (out_kind == TA_OUT_F64) {
                             double *dst = (double *)out + off;
                             if (s_p == 1)
-                                for (int64_t q = 0; q < len; q++) dst[q] = b - scale * (double)src[q];
+                                for (int64_t q = 0; q < len; q++) dst[q] = b - scale_ch * (double)src[q];
                             else
-                                for (int64_t q = 0; q < len; q++) dst[q * s_p] = b - scale * (double)src[q];
+                                for (int64_t q = 0; q < len; q++) dst[q * s_p] = b - scale_ch * (double)src[q];
                         } else {
                             float *dst = (float *)out + off;
                             if (s_p == 1)
-                                for (int64_t q = 0; q < len; q++) dst[q] = (float)(b - scale * (double)src[q]);
+                                for (int64_t q = 0; q < len; q++) dst[q] = (float)(b - scale_ch * (double)src[q]);
                             else
-                                for (int64_t q = 0; q < len; q++) dst[q * s_p] = (float)(b - scale * (double)src[q]);
+                                for (int64_t q = 0; q < len; q++) dst[q * s_p] = (float)(b - scale_ch * (double)src[q]);
                         }
                         r += len;
                     }
