@@ -7,17 +7,20 @@ Shapes: ResNet-50's unique adder-layer calls at 224x224 (`models.census`, as the
 `kernel_vs_cudnn.py` enumerate them), each with the number of layers that make it. Every
 contestant takes a float32 NCHW input and returns float32:
 
-- int8 adder:  QuantizedAdder2d (quantize the input, lay it out, SAD kernel, bias - s * sum);
+- int8 adder:  QuantizedAdder2d (quantize the input, lay it out, SAD kernel, bias - s * sum) with
+               blocking None (the tuned blocking where `python -m triton_adder.tune` cached one);
+- int8 default: the same with the kernel variant's default blocking;
 - conv2d fp32: torch.nn.functional.conv2d;
 - qconv int8:  quantize_per_tensor (quint8) -> torch.ao.nn.quantized.Conv2d (qint8 weight, x86
                engine) -> dequantize; "qconv kernel" times the quantized conv alone on a quantized input;
 - adder fp32:  triton_adder.adder2d on the CPU path (compiled by default; the first call per shape,
                which compiles, is not timed).
 
-Contestants run interleaved: each repetition times one call of each, in an order rotated per
-repetition, so load from other processes hits them alike; the table shows medians. Ratios are
-int8 adder time / other time; "geomean" is over the unique shapes, "model" is the sum over the
-model's layers (each shape's median x its layer count).
+Contestants (`triton_adder.measure.int8.layer_contenders`, the same `python -m triton_adder.bench`
+times on the CPU) run interleaved (`triton_adder.measure.timing.interleaved`): each repetition
+times one call of each, in an order rotated per repetition, so load from other processes hits
+them alike; the table shows medians. Ratios are int8 adder time / other time; "geomean" is over the
+unique shapes, "model" is the sum over the model's layers (each shape's median x its layer count).
 """
 
 from __future__ import annotations
@@ -26,25 +29,23 @@ import argparse
 import math
 import os
 import platform
-import statistics
 import sys
-import time
-import warnings
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import triton_adder  # noqa: E402
 from triton_adder import models  # noqa: E402
 from triton_adder.cli_args import positive_int  # noqa: E402
+from triton_adder.measure.int8 import layer_contenders, quantized_engine  # noqa: E402
 from triton_adder.measure.machine import cpu_name  # noqa: E402
+from triton_adder.measure.timing import interleaved  # noqa: E402
 from triton_adder.models.census import MODEL_INPUT_SIZE, census, unique_adder_layers  # noqa: E402
-from triton_adder.nn import Adder2d  # noqa: E402
-from triton_adder.quant import QuantizedAdder2d, native  # noqa: E402
+from triton_adder.quant import native  # noqa: E402
 
-CONTESTANTS = ("int8 adder", "conv2d fp32", "qconv int8", "qconv kernel", "adder fp32")
+CONTESTANTS = ("int8 adder", "int8 default", "conv2d fp32", "qconv int8", "qconv kernel", "adder fp32")
+RATIOS = {"int8 default": "default", "conv2d fp32": "conv", "qconv int8": "qconv", "adder fp32": "fadder"}
+"""The per-layer columns int8 adder time / this contestant's time (short headers)."""
 
 
 def resnet50_shapes(batch: int):
@@ -53,80 +54,14 @@ def resnet50_shapes(batch: int):
     return unique_adder_layers(census(models.build("resnet50", adder=True), (batch, 3, size, size)))
 
 
-def contestants(shape, float_adder: str):
-    """name -> zero-argument callable, all on the same float32 input and weight."""
-    torch.manual_seed(0)
-    geom = shape.geom
-    x = torch.randn(shape.x_shape)
-    weight = torch.randn(shape.weight_shape) * 0.5
-    layer = Adder2d(
-        shape.cin,
-        shape.cout,
-        (shape.kh, shape.kw),
-        stride=geom.stride,
-        padding=geom.padding,
-        dilation=geom.dilation,
-        groups=geom.groups,
-    )
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-    quantized = QuantizedAdder2d.from_float(layer, float(x.abs().max()))
-    # PyTorch's int8 convolution: per-tensor scales from the same data, x86 engine (oneDNN/FBGEMM).
-    torch.backends.quantized.engine = "x86"
-    x_scale = float(x.abs().max()) / 127
-    qconv = torch.ao.nn.quantized.Conv2d(
-        shape.cin,
-        shape.cout,
-        (shape.kh, shape.kw),
-        stride=geom.stride,
-        padding=geom.padding,
-        dilation=geom.dilation,
-        groups=geom.groups,
-        bias=False,
-    )
-    w_scale = float(weight.abs().max()) / 127
-    qconv.set_weight_bias(torch.quantize_per_tensor(weight, w_scale, 0, torch.qint8), None)
-    qconv.scale, qconv.zero_point = float(x_scale * 64), 128  # output range of the same order as the products
-    qx = torch.quantize_per_tensor(x, x_scale, 128, torch.quint8)
-
-    def run_qconv():
-        return qconv(torch.quantize_per_tensor(x, x_scale, 128, torch.quint8)).dequantize()
-
-    calls = {
-        "int8 adder": lambda: quantized(x),
-        "conv2d fp32": lambda: F.conv2d(x, weight, None, geom.stride, geom.padding, geom.dilation, geom.groups),
-        "qconv int8": run_qconv,
-        "qconv kernel": lambda: qconv(qx),
-    }
-    if float_adder != "skip":
-        calls["adder fp32"] = lambda: triton_adder.adder2d(
-            x, weight, None, geom.stride, geom.padding, geom.dilation, geom.groups
-        )
-    return calls
-
-
-def interleaved(calls: dict, repeats: int) -> dict[str, list[float]]:
-    """ms per call for each contestant, one call of each per repetition, order rotated per repetition."""
-    names = list(calls)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    with torch.no_grad():
-        for rep in range(repeats):
-            order = names[rep % len(names) :] + names[: rep % len(names)]
-            for name in order:
-                start = time.perf_counter()
-                calls[name]()
-                samples[name].append((time.perf_counter() - start) * 1e3)
-    return samples
-
-
-def measure(shape, repeats: int, float_adder: str) -> dict[str, float]:
-    """Median ms per contestant, interleaved, after one untimed call each (compiles, first-touch)."""
-    calls = contestants(shape, float_adder)
-    with torch.no_grad():
-        for fn in calls.values():
+def measure(shape, repeats: int, float_adder: str, library) -> dict[str, float]:
+    """Median ms per contestant (`measure.int8.layer_contenders`), interleaved, after one untimed call each."""
+    with torch.no_grad(), quantized_engine():
+        calls, _ = layer_contenders(shape, library, float_adder=float_adder != "skip", qconv_kernel=True)
+        for fn in calls.values():  # compiles (float adder), first touch, scratch buffers
             fn()
-    samples = interleaved(calls, repeats)
-    return {name: statistics.median(values) for name, values in samples.items()}
+        times = interleaved(calls, repeats, warmup=0)
+    return {name: measurement.time_s * 1e3 for name, measurement in times.items()}
 
 
 def geomean(values) -> float:
@@ -160,8 +95,6 @@ def main(argv=None) -> int:
             raise ValueError
     except ValueError:
         parser.error(f"--batches must be comma-separated positive ints, got {args.batches!r}")
-    # quantize_per_tensor warns that quantized tensors are deprecated (torch 2.13): once is enough
-    warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
     if args.float_adder == "eager":
         os.environ["TRITON_ADDER_CPU_COMPILE"] = "0"
     library = native.load()
@@ -176,22 +109,19 @@ def main(argv=None) -> int:
         shapes = resnet50_shapes(batch)[: args.max_layers]
         print(f"\nResNet-50 adder layers, batch {batch} ({len(shapes)} unique shapes)")
         header = f"{'layer':<28} {'n':>2} " + " ".join(f"{name:>12}" for name in CONTESTANTS)
-        header += f" {'/conv':>6} {'/qconv':>6} {'/fadder':>7}"
+        header += " " + " ".join(f"{'/' + short:>8}" for short in RATIOS.values())
         print(header)
         rows = []
         for shape, count in shapes:
-            times = measure(shape, args.repeats, args.float_adder)
+            times = measure(shape, args.repeats, args.float_adder, library)
             rows.append((shape, count, times))
             cells = " ".join(f"{times[name]:>12.3f}" if name in times else f"{'-':>12}" for name in CONTESTANTS)
-            int8 = times["int8 adder"]
-            fadder = f"{int8 / times['adder fp32']:>7.2f}" if "adder fp32" in times else f"{'-':>7}"
-            print(
-                f"{shape.name:<28} {count:>2} {cells} {int8 / times['conv2d fp32']:>6.2f} "
-                f"{int8 / times['qconv int8']:>6.2f} {fadder}",
-                flush=True,
+            ratios = " ".join(
+                f"{times['int8 adder'] / times[name]:>8.2f}" if name in times else f"{'-':>8}" for name in RATIOS
             )
+            print(f"{shape.name:<28} {count:>2} {cells} {ratios}", flush=True)
         for other in CONTESTANTS[1:]:
-            if other not in rows[0][2]:
+            if not all(other in t for _, _, t in rows):
                 continue
             ratio = geomean(t["int8 adder"] / t[other] for _, _, t in rows)
             model = sum(t["int8 adder"] * c for _, c, t in rows) / sum(t[other] * c for _, c, t in rows)

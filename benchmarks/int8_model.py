@@ -11,17 +11,19 @@ Contestants, each a whole `models.build("resnet50", ...)` network, float32 NCHW 
 
 - int8 adder:  the AdderNet (random init), BatchNorm running statistics set by forward passes in
                train mode on random images (cumulative average), then `triton_adder.quantize`
-               calibrated on 2 random batches;
+               calibrated on 2 random batches (blocking None: the tuned blocking where one is cached);
+- int8 default: the same with every layer on the kernel variant's default blocking;
 - cnn fp32:    the same architecture with adder=False (BatchNorm set the same way), torch.no_grad();
 - qcnn int8:   that CNN through FX graph mode post-training static quantization
                (`prepare_fx` / `convert_fx`, `get_default_qconfig_mapping("x86")`, x86 engine),
-               calibrated on the same 2 batches;
+               calibrated on the same 2 batches (`triton_adder.measure.int8.quantized_cnn`);
 - adder fp32:  the AdderNet before quantization, on the float32 CPU path (compiled by default).
 
-Contestants run interleaved: each repetition times one forward of each, in an order rotated per
-repetition, so load from other processes hits them alike; tables show medians and ratios of medians
-from the same run. The thread count applies to torch (`torch.set_num_threads`), to the int8 kernel
-(which passes `torch.get_num_threads()` to OpenMP per call) and to the quantized engine.
+Contestants run interleaved (`triton_adder.measure.timing.interleaved`): each repetition times one
+forward of each, in an order rotated per repetition, so load from other processes hits them alike;
+tables show medians and ratios of medians from the same run. The thread count applies to torch
+(`torch.set_num_threads`), to the int8 kernel (which passes `torch.get_num_threads()` to OpenMP per
+call) and to the quantized engine.
 
 Also printed: per adder layer of the int8 model, the relative output error
 ||y_int8 - y_float|| / ||y_float - mean_per_channel(y_float)|| on one held-out random batch, both
@@ -33,7 +35,6 @@ random images through a randomly initialised network, not from trained ImageNet 
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import platform
@@ -49,17 +50,19 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from int8_layers import geomean, interleaved, resnet50_shapes  # noqa: E402
+from int8_layers import geomean, resnet50_shapes  # noqa: E402
 
 import triton_adder  # noqa: E402
 from triton_adder import models  # noqa: E402
 from triton_adder.cli_args import positive_int  # noqa: E402
+from triton_adder.measure.int8 import ENGINE, quantized_cnn, with_default_blocking  # noqa: E402
 from triton_adder.measure.machine import cpu_name  # noqa: E402
+from triton_adder.measure.timing import interleaved  # noqa: E402
 from triton_adder.models.census import MODEL_INPUT_SIZE  # noqa: E402
 from triton_adder.nn import Adder2d  # noqa: E402
 from triton_adder.quant import QuantizedAdder2d, native  # noqa: E402
 
-CONTESTANTS = ("int8 adder", "cnn fp32", "qcnn int8", "adder fp32")
+CONTESTANTS = ("int8 adder", "int8 default", "cnn fp32", "qcnn int8", "adder fp32")
 
 
 def load() -> str:
@@ -81,22 +84,6 @@ def set_batchnorm_statistics(model: nn.Module, batches: list[torch.Tensor]) -> N
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.eval()
-
-
-def quantized_cnn(cnn: nn.Module, calibration: list[torch.Tensor]):
-    """FX graph mode post-training static quantization, x86 qconfig; (model, None) or (None, error)."""
-    try:
-        from torch.ao.quantization import get_default_qconfig_mapping  # noqa: PLC0415
-        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx  # noqa: PLC0415
-
-        torch.backends.quantized.engine = "x86"
-        prepared = prepare_fx(copy.deepcopy(cnn).eval(), get_default_qconfig_mapping("x86"), (calibration[0],))
-        with torch.no_grad():
-            for x in calibration:
-                prepared(x)
-        return convert_fx(prepared).eval(), None
-    except Exception as error:  # noqa: BLE001 (reported and the contestant dropped)
-        return None, f"{type(error).__name__}: {error}"
 
 
 def breakdown(model: nn.Module, names: set[str], x: torch.Tensor, repeats: int) -> tuple[float, float]:
@@ -219,6 +206,7 @@ def main(argv=None) -> int:
         batches if args.float_adder_batches is None else batch_list(args.float_adder_batches, "--float-adder-batches")
     )
     torch.set_num_threads(args.threads)
+    torch.backends.quantized.engine = ENGINE
     warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao")
@@ -259,11 +247,12 @@ def main(argv=None) -> int:
     )
     started = time.perf_counter()
     int8 = triton_adder.quantize(adder, calibration)
+    int8_default = with_default_blocking(int8, library) if library is not None else None
     print(f"triton_adder.quantize: 2 calibration batches of {args.calib_batch} ({time.perf_counter() - started:.1f} s)")
     started = time.perf_counter()
     qcnn, qcnn_error = quantized_cnn(cnn, calibration)
     if qcnn is None:
-        print(f"qcnn int8 DROPPED: FX post-training quantization failed: {qcnn_error}")
+        print(f"qcnn int8 DROPPED: {qcnn_error}")
     else:
         print(
             "FX prepare_fx/convert_fx (x86 qconfig mapping): 2 calibration batches "
@@ -283,6 +272,8 @@ def main(argv=None) -> int:
             "int8 adder": lambda x=x: int8(x),
             "cnn fp32": lambda x=x: cnn(x),
         }
+        if int8_default is not None:
+            calls["int8 default"] = lambda x=x: int8_default(x)
         if qcnn is not None:
             calls["qcnn int8"] = lambda x=x: qcnn(x)
         if args.float_adder != "skip" and batch in fadder_batches:
@@ -293,7 +284,8 @@ def main(argv=None) -> int:
                 fn()
                 fn()
         print(f"\nbatch {batch}: warm-up {time.perf_counter() - started:.1f} s; load average {load()}", flush=True)
-        samples = interleaved(calls, args.repeats)
+        with torch.no_grad():
+            samples = {name: [t * 1e3 for t in m.samples] for name, m in interleaved(calls, args.repeats, 0).items()}
         medians = {name: statistics.median(v) for name, v in samples.items()}
         summary[batch] = medians
         print(f"{'contestant':<12} {'median ms':>10} {'min':>9} {'max':>9} {'int8 adder / it':>16}")

@@ -48,7 +48,8 @@ def cpu_frame():
 
 
 def test_cpu_run_has_every_measurement(cpu_frame):
-    frame = cpu_frame
+    frame = cpu_frame[cpu_frame["family"] != "int8"]  # the int8 rows: tests/test_int8_report.py
+    assert (cpu_frame["family"] == "int8").sum() == 5 * 4  # on by default on the CPU: 3 layers + the model
     layers = frame[frame["scope"] == "layer"]
     assert list(dict.fromkeys(layers["layer"])) == ["3x7x7->5 3x3 s1 p1", "5x7x7->5 3x3 s1 p1", "5x7x7->5 3x3 s2 p0"]
     assert layers.groupby("layer")["layer_count"].first().to_dict() == {
@@ -81,7 +82,7 @@ def test_metadata_says_cpu(cpu_frame):
 
 
 def test_derived_columns_follow_their_definitions(cpu_frame):
-    frame = cpu_frame
+    frame = cpu_frame[cpu_frame["family"] != "int8"]  # the int8 group repeats conv2d and adder_forward
     layers = frame[frame["scope"] == "layer"]
     first = layers[layers["layer"] == "3x7x7->5 3x3 s1 p1"]
     elements = 2 * 5 * 7 * 7 * 3 * 3 * 3  # N * Cout * Ho * Wo * Cin * kh * kw
@@ -225,6 +226,8 @@ def test_measure_rejects_bad_arguments():
         bench.measure("lenet5bn", backend="cuda")
     with pytest.raises(ValueError, match="adder_dtypes"):
         bench.measure("lenet5bn", adder_dtypes=("int8",))
+    with pytest.raises(ValueError, match="int8=True needs backend='cpu'"):
+        bench.measure("lenet5bn", device="cpu", backend="triton", int8=True)
 
 
 def test_cli_measures_writes_the_report_and_shows_progress(tmp_path, monkeypatch, capsys):

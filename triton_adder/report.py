@@ -5,8 +5,9 @@
 
 `write_report(frame)` is what `python -m triton_adder.tune` calls after benchmarking. The page is
 built from `reports` blocks (generic; it knows nothing about adders): summary, per-layer latency,
-throughput against the device ceiling, tuned-vs-default gains, whole-model bars, memory,
-estimated energy, full tables, and the method/machine block.
+throughput against the device ceiling, tuned-vs-default gains, whole-model bars, int8 inference
+on the CPU (where `measure` ran its int8 rows), memory, estimated energy, full tables, and the
+method/machine block.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ import numpy as np
 import pandas as pd
 
 from triton_adder import reports
-from triton_adder.measure.derived import CPU_NOTE, ENERGY_PJ_ADD, ENERGY_PJ_MULTIPLY, derive
+from triton_adder.measure.derived import (
+    CPU_NOTE,
+    ENERGY_PJ_ADD,
+    ENERGY_PJ_MULTIPLY,
+    INT8_BASELINES,
+    INT8_FAMILY,
+    INT8_RATIOS,
+    derive,
+)
 
 # Baselines in the order a reader compares against them, with their display names.
 BASELINES = {
@@ -35,6 +44,8 @@ BASELINES = {
     "cnn": "CNN twin",
 }
 ADDER_VARIANT_PREFERENCE = ("tuned", "default", "cpu_path")  # what the public op would run
+INT8_RATIO_NAMES = {**{f"int8_over_{key}": f"int8 / {title}" for key, title in INT8_BASELINES.items()},
+                    "int8_tuned_over_default": "int8 tuned / default"}
 
 
 def geomean(values) -> float:
@@ -98,6 +109,11 @@ def _summary(report: reports.Report, frame: pd.DataFrame, metadata: dict) -> Non
     if {"adder", "cnn"} <= set(energy.index):
         cards.append(("estimated compute energy per image", f"{energy['adder']:.3g} vs {energy['cnn']:.3g} \u00b5J",
                       f"AdderNet vs CNN, 45 nm model ({energy['adder'] / energy['cnn']:.2f}x)"))
+    int8 = frame[(frame["family"] == INT8_FAMILY) & (frame["variant"] == "tuned") & (frame["scope"] == "model")]
+    for column, title in INT8_RATIO_NAMES.items():
+        value = float(int8[column].iloc[0]) if len(int8) else math.nan
+        if math.isfinite(value):
+            cards.append((f"whole model, {title} time", f"{value:.3g}x", "interleaved, same run (<1: int8 faster)"))
     counts = frame["status"].value_counts()
     cards.append(("measurements", str(len(frame)), ", ".join(f"{n} {s}" for s, n in counts.items())))
     report.add_summary(cards)
@@ -183,9 +199,12 @@ def build_report(frame: pd.DataFrame, metadata: dict | None = None, title: str |
 
     report.add_section("Whole model", "Forward (inference, no_grad) and training step (forward, cross-entropy, "
                        "backward, SGD step), AdderNet against its CNN twin, float32.")
-    rows = frame[ok & (frame["scope"] == "model")]
+    rows = frame[ok & (frame["scope"] == "model") & (frame["family"] != INT8_FAMILY)]
     _chart(report, "model time", rows, "median ms per batch with p20-p80 whiskers", category="family",
            value="median_ms", series="variant", low="p20_ms", high="p80_ms", xlabel="ms per batch")
+
+    if (frame["family"] == INT8_FAMILY).any():
+        _int8_section(report, frame, metadata)
 
     report.add_section("Memory", "Peak allocator memory above the inputs for one call (CUDA only), and the working "
                        "set the memory-hungry baselines would need.")
@@ -205,7 +224,8 @@ def build_report(frame: pd.DataFrame, metadata: dict | None = None, title: str |
                        "1 addition + 1 multiplication. Memory traffic, which dominates on real chips, is not counted.")
     energy = pd.concat([
         headline_adder_rows(frame, "forward").assign(kind="adder layer"),
-        layer_rows[(layer_rows["op"] == "conv2d") & (layer_rows["variant"] == "fp32")].assign(kind="conv2d layer"),
+        layer_rows[(layer_rows["op"] == "conv2d") & (layer_rows["variant"] == "fp32")
+                   & (layer_rows["family"] == "forward")].assign(kind="conv2d layer"),
     ])
     models = frame[(frame["scope"] == "model") & (frame["family"] == "model_forward")]
     energy = pd.concat([energy, models.assign(kind=models["variant"].map({"adder": "AdderNet", "cnn": "CNN"}))])
@@ -229,6 +249,47 @@ def build_report(frame: pd.DataFrame, metadata: dict | None = None, title: str |
                           "results.json": ("application/json", reports.raw.rows_json(frame, metadata).encode())})
     report.add_metadata()
     return report
+
+
+def int8_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per adder layer and one for the whole model: each contender's median of the int8 group
+    ("int8 tuned ms", "int8 default ms", "<baseline key> ms"), the tuned row's `INT8_RATIOS`, its
+    blocking, and why any contender did not run."""
+    table = []
+    for (scope, layer), group in frame[frame["family"] == INT8_FAMILY].groupby(["scope", "layer"], sort=False):
+        adders = group[group["role"] == "adder"].set_index("variant")
+        baselines = group[group["role"] == "baseline"].set_index("baseline_key")["median_ms"]
+        tuned = adders.loc["tuned"] if "tuned" in adders.index else pd.Series(dtype=object)
+        row = {"scope": scope, "layer": layer, "layer_count": group["layer_count"].iloc[0]}
+        row.update({f"int8 {v} ms": adders["median_ms"].get(v, math.nan) for v in ("tuned", "default")})
+        row.update({f"{key} ms": baselines.get(key, math.nan) for key in INT8_BASELINES})
+        row.update({column: tuned.get(column, math.nan) for column in INT8_RATIOS})
+        row["tuned config"] = tuned.get("config", "")
+        failed = group[group["status"] != "ok"]
+        row["not measured"] = "; ".join(dict.fromkeys(f"{label}: {reason}" for label, reason
+                                                      in zip(failed["label"], failed["reason"])))
+        table.append(row)
+    return pd.DataFrame(table)
+
+
+def _int8_section(report: reports.Report, frame: pd.DataFrame, metadata: dict) -> None:
+    get = metadata.get
+    report.add_section("int8 inference (CPU)", (
+        "Per adder layer and for the whole model, the int8 adder (triton_adder.quantize's kernel; tuned = blocking "
+        "None, the tuned blocking where one is cached for this CPU and shape, else the default; default = the "
+        "kernel variant's default blocking) against conv2d float32 (whole model: the CNN twin), PyTorch's int8 "
+        "quantized conv2d, x86 engine (whole model: the CNN through FX post-training quantization) and our float32 "
+        f"adder, float32 in and out, on {get('device', 'this CPU')}, input {get('input shape', '?')}, "
+        f"{get('int8 threads', '?')} threads; int8 kernel {get('int8 kernel', '?')}. Timed interleaved (one call "
+        "of each per repetition, order rotated), so the ratios (int8 time / other time, <1: int8 faster) come "
+        "from the same repetitions."))
+    table = int8_table(frame)
+    report.add_table(table, caption="int8 medians (ms) and time ratios of the tuned int8 adder", table_id="int8")
+    ratios = table.melt(id_vars=["layer"], value_vars=INT8_RATIOS, var_name="ratio", value_name="value")
+    ratios["ratio"] = ratios["ratio"].map(INT8_RATIO_NAMES)
+    _chart(report, "int8 ratios", ratios, "int8 adder time / other time (log; < 1: int8 faster)",
+           missing="no int8 ratio measured (the reasons are in the table)", category="layer", value="value",
+           series="ratio", log=True, reference=(1.0, "equal time"), xlabel="time ratio (log)")
 
 
 def _slug(text: str) -> str:

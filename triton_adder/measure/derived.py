@@ -31,6 +31,15 @@ ADDER_INSTRUCTIONS_PER_ELEMENT = {
 # The notice every CPU or Triton-interpreter run carries (metadata "note", the report banner).
 CPU_NOTE = "CPU/interpreter run: not GPU timings"
 
+# The int8 comparison (`measure.int8`): rows of this family form one interleaved group per layer
+# (and for the whole model); int8_over_<key> = int8 adder median / the <key> baseline's median of
+# the same group (< 1: int8 faster; the issue-27 goal for the whole model is int8_over_conv2d_fp32
+# <= 0.5), and int8_tuned_over_default = tuned median / default-blocking median.
+INT8_FAMILY = "int8"
+INT8_BASELINES = {"conv2d_fp32": "conv2d float32", "qconv_int8": "PyTorch int8 conv2d (x86)",
+                  "adder_fp32": "float32 adder"}
+INT8_RATIOS = [f"int8_over_{key}" for key in INT8_BASELINES] + ["int8_tuned_over_default"]
+
 # The raw columns of a row, in this order first; derived columns follow.
 COLUMNS = [
     "scope", "model", "layer", "layer_count", "batch", "cin", "h", "w", "cout", "kh", "kw", "stride", "padding",
@@ -67,6 +76,7 @@ def derive(frame: pd.DataFrame, metadata: dict, ceiling: dict | None = None) -> 
     energy_per_image_uj: additions * 0.9 pJ + multiplications * 3.7 pJ, per image (45 nm model).
     speedup_vs_<baseline_key>: baseline median / adder median for the same layer (or model) and
     family (>1: the adder is faster). gain_vs_default: default-config median / tuned median.
+    int8_over_<key>, int8_tuned_over_default: time ratios of the int8 rows (`INT8_RATIOS`).
     """
     frame = frame.copy()
     frame.attrs["metadata"] = dict(metadata)
@@ -75,7 +85,8 @@ def derive(frame: pd.DataFrame, metadata: dict, ceiling: dict | None = None) -> 
     elements = pd.to_numeric(frame["elements"], errors="coerce")
     frame["element_rate"] = elements / median_s
     is_layer_adder = (frame["scope"] == "layer") & frame["op"].isin(
-        ["adder_forward", "adder_grad_input", "adder_grad_weight", "unfold_broadcast", "cdist_l1"])
+        ["adder_forward", "adder_grad_input", "adder_grad_weight", "unfold_broadcast", "cdist_l1",
+         "int8_adder"])
     is_layer = frame["scope"] == "layer"
     frame.loc[is_layer, "additions"] = np.where(is_layer_adder[is_layer], 2 * elements[is_layer], elements[is_layer])
     frame.loc[is_layer, "multiplications"] = np.where(is_layer_adder[is_layer], 0, elements[is_layer])
@@ -83,6 +94,7 @@ def derive(frame: pd.DataFrame, metadata: dict, ceiling: dict | None = None) -> 
     frame["energy_per_image_uj"] = (pd.to_numeric(frame["additions"], errors="coerce") * ENERGY_PJ_ADD
                                     + pd.to_numeric(frame["multiplications"], errors="coerce") * ENERGY_PJ_MULTIPLY
                                     ) / batch / 1e6
+    frame.loc[frame["dtype"] == "int8", "energy_per_image_uj"] = math.nan  # the 45 nm figures are float32 ops
     if ceiling is not None or "ceiling_rate" not in frame.columns:
         # Without a ceiling (re-rendering saved rows elsewhere) keep the one measured with the rows.
         pairs = [ceiling_rate(row, ceiling or {}) for _, row in frame.iterrows()]
@@ -110,4 +122,23 @@ def derive(frame: pd.DataFrame, metadata: dict, ceiling: dict | None = None) -> 
         base = defaults.get((row["layer"], row["family"], row["dtype"]))
         if base is not None:
             frame.loc[index, "gain_vs_default"] = base / row["median_ms"]
+    _int8_ratios(frame, ok)
     return frame
+
+
+def _int8_ratios(frame: pd.DataFrame, ok: pd.Series) -> None:
+    """INT8_RATIOS in place, on the int8 adder rows, from the medians of their own interleaved group."""
+    for column in INT8_RATIOS:
+        frame[column] = math.nan
+    group_rows = frame[ok & (frame["family"] == INT8_FAMILY)]
+    for _, group in group_rows.groupby(["scope", "layer"], sort=False):
+        baselines = group[group["role"] == "baseline"].set_index("baseline_key")["median_ms"]
+        adders = group[group["role"] == "adder"]
+        for index, row in adders.iterrows():
+            for key in INT8_BASELINES:
+                if key in baselines.index:
+                    frame.loc[index, f"int8_over_{key}"] = row["median_ms"] / baselines[key]
+        default = adders.loc[adders["variant"] == "default", "median_ms"]
+        for index, row in adders[adders["variant"] == "tuned"].iterrows():
+            if len(default):
+                frame.loc[index, "int8_tuned_over_default"] = row["median_ms"] / default.iloc[0]

@@ -11,10 +11,13 @@ Per unique adder layer of a model (same input shape and layer arguments = one ro
   (`baselines`), when their working set fits the memory budget (else a "skipped" row with
   `required_memory_bytes`);
 - peak memory of each (CUDA allocator high-water mark; not measurable on the CPU: NaN there);
+- on the CPU, the int8 group (`int8`): the int8 adder (tuned and default blocking) against float32
+  conv2d, PyTorch's int8 quantized conv2d and the float32 adder, timed interleaved;
 
-and per model: forward and training-step time, AdderNet against its CNN twin. A measurement that
-cannot run (missing kernel, out of memory, unsupported dtype) is a row with status "skipped" or
-"error" and a reason; `measure` never raises for one.
+and per model: forward and training-step time, AdderNet against its CNN twin, and the int8 group
+for the whole model. A measurement that cannot run (missing kernel or C compiler, out of memory,
+unsupported dtype) is a row with status "skipped" or "error" and a reason; `measure` never raises
+for one.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from triton_adder.contract import KERNEL_DTYPES
 from triton_adder.geometry import Conv2dGeometry, LayerShape
 from triton_adder.models.census import DEFAULT_GPU_BATCH, MODEL_INPUT_SIZE, census, unique_adder_layers
 
+from . import int8 as int8_rows
 from .baselines import (
     CONV_PRECISIONS,
     cdist_adder,
@@ -166,6 +170,11 @@ def _adder_rows(rec: Recorder, common: dict, backend: str, dtype_name: str, x: t
             add(family, "tuned", tuned_call(tuned), config=str(tuned.as_dict()))
 
 
+def _layer_columns(shape: LayerShape, count: int, model_name: str) -> dict:
+    """The columns every row of one unique adder layer shares."""
+    return dict(scope="layer", model=model_name, layer_count=count, elements=shape.elements, **shape.columns())
+
+
 def _layer_rows(rec: Recorder, shape: LayerShape, count: int, model_name: str, backend: str,
                 adder_dtypes: Sequence[str], budget: int, baselines: bool) -> None:
     device = rec.device
@@ -173,7 +182,7 @@ def _layer_rows(rec: Recorder, shape: LayerShape, count: int, model_name: str, b
     x32 = torch.randn(shape.batch, shape.cin, shape.h, shape.w, generator=generator).to(device)
     w32 = torch.randn(shape.cout, shape.cin // shape.geom.groups, shape.kh, shape.kw, generator=generator).to(device)
     grad32 = torch.randn(shape.batch, shape.cout, *shape.geom.out_size, generator=generator).to(device)
-    common = dict(scope="layer", model=model_name, layer_count=count, elements=shape.elements, **shape.columns())
+    common = _layer_columns(shape, count, model_name)
     geom = shape.geom
 
     for dtype_name in adder_dtypes:
@@ -293,6 +302,7 @@ def measure(
     max_layers: int | None = None,
     repeats: int | None = None,
     memory_budget_bytes: int | None = None,
+    int8: bool | None = None,
     command_line: str | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
@@ -309,6 +319,8 @@ def measure(
     layers / baselines / whole_model / train: which groups of rows to measure.
     max_layers: only the first N unique adder layers. repeats: timed repeats (minimum on CUDA).
     memory_budget_bytes: the most a baseline may need (default: 80% of free GPU memory, 25% of RAM).
+    int8: the int8 rows (`measure.int8`) per layer (with `layers`) and for the whole model (with
+    `whole_model`); default on with backend "cpu", and only there (the kernel is a CPU kernel).
     progress: a tqdm bar on stderr, one step per unique layer and one for the whole model.
 
     Returns the DataFrame of `derive`, with `frame.attrs["metadata"]` from `machine_metadata`.
@@ -322,6 +334,9 @@ def measure(
         raise ValueError(f"backend must be 'triton', 'cpu' or None, got {backend!r}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' needs device='cpu', got device={str(device)!r}")
+    int8 = backend == "cpu" if int8 is None else int8
+    if int8 and backend != "cpu":
+        raise ValueError(f"int8=True needs backend='cpu' (the int8 kernel runs on the CPU), got {backend!r}")
     for dtype_name in adder_dtypes:
         if dtype_name not in ADDER_DTYPE_NAMES:
             raise ValueError(f"adder_dtypes entries must be in {ADDER_DTYPE_NAMES}, got {dtype_name!r}")
@@ -343,15 +358,20 @@ def measure(
     if backend == "cpu" and (shapes or whole_model):
         # compile the model's CPU reductions on every core at once, not one by one as rows need them
         precompile(adder_model, torch.zeros(input_shape))  # only its shape matters; leaves the RNG alone
+    library, why_not = int8_rows.load_kernel() if int8 else (None, "")
     with tqdm(total=len(shapes) + bool(whole_model), desc=f"benchmark {model_name}", unit="step", file=sys.stderr,
               disable=not progress, dynamic_ncols=True) as bar:
         for shape, count in shapes:
             bar.set_postfix_str(shape.name)
             _layer_rows(rec, shape, count, model_name, backend, adder_dtypes, budget, baselines)
+            if int8:
+                int8_rows.layer_rows(rec, shape, _layer_columns(shape, count, model_name), library, why_not)
             bar.update()
         if whole_model:
             bar.set_postfix_str("whole model")
             _model_rows(rec, model_name, adder_model, cnn_model, input_shape, backend, train)
+            if int8:
+                int8_rows.model_rows(rec, model_name, adder_model, cnn_model, input_shape, library, why_not)
             bar.update()
     frame = pd.DataFrame(rec.rows)
     for column in COLUMNS:
@@ -362,4 +382,6 @@ def measure(
     ceiling = device_ceiling(device)
     metadata.update({"model": model_name, "input shape": str(tuple(input_shape)), "adder backend": backend,
                      "quick": quick, "memory budget (GiB)": round(budget / 2**30, 2)})
+    if int8:
+        metadata.update(int8_rows.metadata(library, why_not))
     return derive(frame, metadata, ceiling)
