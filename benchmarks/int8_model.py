@@ -11,8 +11,10 @@ Contestants, each a whole `models.build("resnet50", ...)` network, float32 NCHW 
 
 - int8 adder:  the AdderNet (random init), BatchNorm running statistics set by forward passes in
                train mode on random images (cumulative average), then `triton_adder.quantize`
-               calibrated on 2 random batches (blocking None: the tuned blocking where one is cached);
+               calibrated on 2 random batches (blocking None: the tuned blocking where one is cached;
+               the BatchNorm after each adder layer folded into its rescale, the default);
 - int8 default: the same with every layer on the kernel variant's default blocking;
+- int8 unfolded: `quantize(..., fold_batchnorm=False)`, tuned blocking: every BatchNorm runs as its own pass;
 - cnn fp32:    the same architecture with adder=False (BatchNorm set the same way), torch.no_grad();
 - qcnn int8:   that CNN through FX graph mode post-training static quantization
                (`prepare_fx` / `convert_fx`, `get_default_qconfig_mapping("x86")`, x86 engine),
@@ -62,7 +64,7 @@ from triton_adder.models.census import MODEL_INPUT_SIZE  # noqa: E402
 from triton_adder.nn import Adder2d  # noqa: E402
 from triton_adder.quant import QuantizedAdder2d, native  # noqa: E402
 
-CONTESTANTS = ("int8 adder", "int8 default", "cnn fp32", "qcnn int8", "adder fp32")
+CONTESTANTS = ("int8 adder", "int8 default", "int8 unfolded", "cnn fp32", "qcnn int8", "adder fp32")
 
 
 def load() -> str:
@@ -248,6 +250,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     int8 = triton_adder.quantize(adder, calibration)
     int8_default = with_default_blocking(int8, library) if library is not None else None
+    int8_unfolded = triton_adder.quantize(adder, calibration, fold_batchnorm=False)
     print(f"triton_adder.quantize: 2 calibration batches of {args.calib_batch} ({time.perf_counter() - started:.1f} s)")
     started = time.perf_counter()
     qcnn, qcnn_error = quantized_cnn(cnn, calibration)
@@ -270,6 +273,7 @@ def main(argv=None) -> int:
         x = torch.randn(batch, 3, size, size)
         calls = {
             "int8 adder": lambda x=x: int8(x),
+            "int8 unfolded": lambda x=x: int8_unfolded(x),
             "cnn fp32": lambda x=x: cnn(x),
         }
         if int8_default is not None:
@@ -288,14 +292,14 @@ def main(argv=None) -> int:
             samples = {name: [t * 1e3 for t in m.samples] for name, m in interleaved(calls, args.repeats, 0).items()}
         medians = {name: statistics.median(v) for name, v in samples.items()}
         summary[batch] = medians
-        print(f"{'contestant':<12} {'median ms':>10} {'min':>9} {'max':>9} {'int8 adder / it':>16}")
+        print(f"{'contestant':<13} {'median ms':>10} {'min':>9} {'max':>9} {'int8 adder / it':>16}")
         for name in CONTESTANTS:
             if name not in medians:
-                print(f"{name:<12} {'-':>10}")
+                print(f"{name:<13} {'-':>10}")
                 continue
             v = samples[name]
             print(
-                f"{name:<12} {medians[name]:>10.1f} {min(v):>9.1f} {max(v):>9.1f} "
+                f"{name:<13} {medians[name]:>10.1f} {min(v):>9.1f} {max(v):>9.1f} "
                 f"{medians['int8 adder'] / medians[name]:>16.3f}"
             )
         print(f"load average after batch {batch}: {load()}", flush=True)
@@ -315,7 +319,8 @@ def main(argv=None) -> int:
         )
     print(f"load average after the timed runs: {load()}", flush=True)
 
-    # Where the time goes: the 52 hidden layers (adder layers; the same positions' convolutions in the CNN)
+    # Where the time goes (the unfolded int8 model, whose adder layers do what the CNN's convolutions do): the 52
+    # hidden layers (adder layers; the same positions' convolutions in the CNN)
     # against everything else (stem conv, BatchNorm, ReLU, residual adds, pooling, classifier: float32 in
     # the CNN and in the int8 AdderNet alike).
     hidden = {n for n, m in adder.named_modules() if isinstance(m, Adder2d)}
@@ -324,18 +329,18 @@ def main(argv=None) -> int:
         f"vs the rest, timed by forward hooks, {args.breakdown_repeats} separate non-interleaved forwards "
         "per model, medians in ms"
     )
-    print(f"{'batch':>5} {'model':<12} {'forward':>9} {'hidden':>9} {'rest':>9}")
+    print(f"{'batch':>5} {'model':<13} {'forward':>9} {'hidden':>9} {'rest':>9}")
     for batch in batches:
         x = torch.randn(batch, 3, size, size)
-        parts = {"int8 adder": int8, "cnn fp32": cnn}
+        parts = {"int8 unfolded": int8_unfolded, "cnn fp32": cnn}
         if args.float_adder != "skip" and batch in fadder_batches:
             parts["adder fp32"] = adder
         for name, model in parts.items():
             total, inside = breakdown(model, hidden, x, args.breakdown_repeats)
-            print(f"{batch:>5} {name:<12} {total:>9.1f} {inside:>9.1f} {total - inside:>9.1f}", flush=True)
+            print(f"{batch:>5} {name:<13} {total:>9.1f} {inside:>9.1f} {total - inside:>9.1f}", flush=True)
 
     if not args.skip_errors:
-        rows, agree, logits_err = relative_errors(adder, int8, held_out)
+        rows, agree, logits_err = relative_errors(adder, int8_unfolded, held_out)  # layer outputs before BatchNorm
         print(
             f"\nPer adder layer relative output error ||y_int8 - y_float|| / ||y_float - mean_per_channel(y_float)||, "
             f"one held-out batch of {held_out.shape[0]} random images."
