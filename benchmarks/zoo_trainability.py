@@ -15,6 +15,10 @@ batch of --batch random 3 x --size x --size images with labels 0, 1, 2, ...:
   its lowest and its last over --steps steps, and the CNN's own start and lowest with the same optimiser;
   `learns` is `Trainability.learns()`.
 
+--weight-std S converts with `convert(..., weight_std=S)` (adder weights N(0, S^2) instead of the published
+N(0, 1)); its rows' mode reads "default,weight_std=S" (write them to their own --out). Each printed line also
+gives `perturbation_gain` of the adder model and of the CNN (`Trainability.gain`, `cnn_gain`; not in the CSV).
+
 Models above --max-grad-params get the decisions only (a backward pass of the largest RegNets and ViTs on
 the eager path takes many minutes on 2 cores); their families' smaller members are checked in full.
 Rows are appended as each model finishes, and models already in --out are skipped, so an interrupted sweep
@@ -77,10 +81,13 @@ def measure(name: str, build, args) -> list[dict]:
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            adder, decisions = convert(cnn, report=True, insert_norm=mode == "insert_norm")
+            adder, decisions = convert(
+                cnn, report=True, insert_norm=mode == "insert_norm", weight_std=args.weight_std
+            )
         warned = sum(d.decision == "kept" and d.reason.startswith("output reaches") for d in decisions)
         row = {
-            "model": name, "mode": mode, "params_m": f"{params / 1e6:.1f}", "warned": warned, "error": "",
+            "model": name, "mode": mode + (f",weight_std={args.weight_std:g}" if args.weight_std != 1 else ""),
+            "params_m": f"{params / 1e6:.1f}", "warned": warned, "error": "",
             "adders": sum(d.decision != "kept" for d in decisions),
             "kept": sum(d.decision == "kept" for d in decisions),
             "kept_reasons": _kept_reasons(decisions),
@@ -99,6 +106,8 @@ def measure(name: str, build, args) -> list[dict]:
                     cnn_loss_start=f"{reference.loss_start:.3f}", cnn_loss_best=f"{reference.loss_best:.3f}",
                     learns=result.learns(),
                 )  # fmt: skip
+            gains = f"perturbation gain {result.gain:.3g} (CNN {result.cnn_gain:.3g})"
+            print(f"# {name} {row['mode']}: {gains}", flush=True)
         row["seconds"] = f"{time.perf_counter() - start:.0f}"
         rows.append(row)
         if mode == "default" and not warned:
@@ -114,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--weight-std", type=float, default=1.0, help="convert's weight_std (default 1: published)")
     parser.add_argument("--max-fit-params", type=float, default=30e6)
     parser.add_argument("--max-grad-params", type=float, default=100e6)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")

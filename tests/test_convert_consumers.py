@@ -14,7 +14,7 @@ from torch import nn
 from triton_adder import Adder2d, convert
 from triton_adder.backends import use_backend
 from triton_adder.backends.cpu import common
-from triton_adder.models.trainability import check
+from triton_adder.models.trainability import check, fit_mode, perturbation_gain
 
 CLASSES = 4
 
@@ -316,6 +316,91 @@ def test_converted_model_learns_and_forcing_every_conv_leaves_dead_layers(build,
     forced = check(cnn, convert(cnn, analyse=False), batch, steps=5)
     assert forced.dead, forced  # fire convs before ReLU; the SE's first fc before ReLU and the layers it gates
     assert not forced.learns()
+
+
+class LinearBottleneck(nn.Module):
+    """MobileNetV2/V3's inverted residual without the depthwise conv: 1x1 expand, BN, Hardswish, 1x1 project, BN, +x.
+
+    The residual stream is BatchNorm output with no activation, so it is wide (std above 1) next to N(0, 1) adder
+    templates: each adder layer folds it (|x - w| with w inside the inputs' spread)."""
+
+    def __init__(self, channels: int, expanded: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, expanded, 1, bias=False), nn.BatchNorm2d(expanded), nn.Hardswish(),
+            nn.Conv2d(expanded, channels, 1, bias=False), nn.BatchNorm2d(channels),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def deep_bottleneck_net(depth: int = 16, channels: int = 16) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+        *[LinearBottleneck(channels, 3 * channels) for _ in range(depth)],
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10),
+    )  # fmt: skip
+
+
+def test_perturbation_gain_is_one_for_a_linear_map_and_the_relative_change_otherwise():
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert perturbation_gain(nn.Identity(), x) == pytest.approx(1.0, rel=1e-3)
+    scale = nn.Conv2d(3, 3, 1, bias=False)
+    nn.init.dirac_(scale.weight)
+    with torch.no_grad():
+        scale.weight.mul_(7.0)  # a scaled identity: the relative change is the input's
+    assert perturbation_gain(scale, x) == pytest.approx(1.0, rel=1e-3)
+    # x -> x^2 (elementwise): the relative change is computed here by hand from the same perturbation
+    square = nn.Sequential()
+    square.forward = lambda t: t * t
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    delta = 1e-4 * x.pow(2).mean().sqrt() * noise
+    expected = (((x + delta) ** 2 - x**2).norm() / (x**2).norm() / (delta.norm() / x.norm())).item()
+    assert perturbation_gain(square, x) == pytest.approx(expected, rel=1e-3)
+
+
+def test_deep_converted_bottleneck_is_chaotic_at_the_published_init_and_learns_with_wider_templates():
+    """The class of MobileNetV3-Large's slow fit (results/zoo/README.md): 32 adder layers in series on a wide
+    residual stream amplify a small input change hundreds of times more than the CNN does at N(0, 1), and the
+    short fit stalls; N(0, 3^2) templates keep it near the CNN's gain and the batch is fitted."""
+    torch.manual_seed(0)
+    cnn = deep_bottleneck_net()
+    x, y = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(4)
+    torch.manual_seed(0)
+    published = convert(cnn)
+    torch.manual_seed(0)
+    wide = convert(cnn, weight_std=3.0)
+    for name, module in published.named_modules():  # the same draw, scaled
+        if isinstance(module, Adder2d):
+            torch.testing.assert_close(wide.get_submodule(name).weight, 3.0 * module.weight, rtol=0, atol=0)
+    cnn_gain = perturbation_gain(fit_mode(cnn), x)
+    assert cnn_gain < 3
+    assert perturbation_gain(fit_mode(published), x) > 100 * cnn_gain
+    assert perturbation_gain(fit_mode(wide), x) < 10 * cnn_gain
+    slow, fits = check(cnn, published, (x, y)), check(cnn, wide, (x, y))
+    assert slow.dead == [] and fits.dead == []
+    assert fits.gain == pytest.approx(perturbation_gain(fit_mode(wide), x)) and fits.cnn_gain == pytest.approx(cnn_gain)
+    assert fits.learns() and fits.loss_best < 0.1 * fits.loss_start, fits.losses
+    assert slow.loss_best > 0.3 * slow.loss_start, slow.losses  # no dead layer, but a fraction of the fit
+
+
+@pytest.mark.parametrize("weight_std", [0, -1.0, float("nan"), float("inf"), True, "3"])
+def test_weight_std_must_be_a_positive_finite_number(weight_std):
+    with pytest.raises(ValueError, match="weight_std"):
+        convert(TinyMobileNetV3(), weight_std=weight_std)
+
+
+def test_weight_std_sets_the_spread_of_new_weights_and_is_refused_with_copy_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3), nn.BatchNorm2d(64))
+    converted = convert(model, keep_first=False, keep_last=False, weight_std=2.5)
+    weight = converted[0].weight
+    assert isinstance(converted[0], Adder2d) and weight.std().item() == pytest.approx(2.5, rel=0.02)
+    assert abs(weight.mean().item()) < 0.05
+    with pytest.raises(ValueError, match="copy_weights"):
+        convert(TinyMobileNetV3(), copy_weights=True, weight_std=2.0)
+    assert convert(TinyMobileNetV3(), copy_weights=True, weight_std=1.0) is not None
 
 
 def assert_runs_compiled_and_under_bf16_autocast(model: nn.Module, x: torch.Tensor) -> None:

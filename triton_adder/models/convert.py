@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 
@@ -43,6 +44,7 @@ def convert(
     example_input=None,
     insert_norm: bool = False,
     report: bool = False,
+    weight_std: float = 1.0,
 ):
     """Replace each `nn.Conv2d` of `model` by an `Adder2d` with the same hyperparameters.
 
@@ -62,7 +64,18 @@ def convert(
     grad_mode: the adder layers' backward, "paper" or "exact" (see `triton_adder.adder2d`).
     inplace: modify `model` itself; by default a deep copy is converted and returned.
     mapping: {Conv2d subclass: factory}; factory(conv) returns the adder module that replaces a
-    convolution of exactly that class (it handles copy_weights and grad_mode itself).
+    convolution of exactly that class (it handles copy_weights, grad_mode and weight_std itself).
+    weight_std: the standard deviation of the new adder weights, N(0, weight_std^2) (default 1.0: the published
+    N(0, 1)); not allowed with copy_weights. Wider templates make a deep converted network less chaotic: an
+    adder layer is |x - w|, folded wherever a template w lies inside the spread of its input x, and BatchNorm
+    after it rescales the folded output, so a small change of the input grows by up to 1/sqrt(1 - 2/pi) (about
+    1.66) per layer at N(0, 1) where x is wide (a linear-bottleneck residual stream, BatchNorm output with no
+    activation); dozens in series make the loss surface of the BatchNorm and adder parameters so rough that SGD
+    barely fits. Torchvision's MobileNetV3-Large (44 adder layers, 64 x 64 input) amplifies a small input
+    perturbation 4.2e3 times at N(0, 1), 4.0e2 times at weight_std=3, against 11.5 for its CNN
+    (`trainability.perturbation_gain`), and fits a batch only at weight_std=3 (see `results/zoo/README.md`).
+    With grad_mode="exact" a template outside its inputs' range gets no gradient (the sign derivative is
+    constant there and BatchNorm's backward sums to zero).
 
     What happens to each kind of convolution:
 
@@ -108,6 +121,15 @@ def convert(
     """
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    if (
+        isinstance(weight_std, bool)
+        or not isinstance(weight_std, (int, float))
+        or not math.isfinite(weight_std)
+        or weight_std <= 0
+    ):
+        raise ValueError(f"weight_std must be a positive finite number, got {weight_std!r}")
+    if copy_weights and weight_std != 1.0:
+        raise ValueError("weight_std scales the new adder weights; copy_weights=True copies the convolution's instead")
     if isinstance(exclude, str):
         raise TypeError(f"exclude must be an iterable of module names, not a string ({exclude!r})")
     exclude = set(exclude)
@@ -138,7 +160,7 @@ def convert(
         if id(conv) in kept_by:
             decisions.append(LayerDecision(name, "kept", kept_by[id(conv)]))
             continue
-        factory = _factory(type(conv), mapping, copy_weights, grad_mode)
+        factory = _factory(type(conv), mapping, copy_weights, grad_mode, weight_std)
         if factory is None:
             cls = type(conv)
             unconvertible.setdefault(f"{cls.__module__}.{cls.__qualname__}", []).append(name)
@@ -225,20 +247,22 @@ def _guessed_input(model: nn.Module) -> torch.Tensor:
     return torch.randn(2, first.in_channels, *size[-2:], device=parameter.device, dtype=parameter.dtype)
 
 
-def _factory(cls: type, mapping: dict, copy_weights: bool, grad_mode: str):
+def _factory(cls: type, mapping: dict, copy_weights: bool, grad_mode: str, weight_std: float = 1.0):
     """How to convert a convolution of class `cls`: a callable (name, conv) -> module, or None to keep it."""
     if cls in mapping:
         return lambda name, conv: mapping[cls](conv)
     # nn.Conv2d.forward is a call to self._conv_forward: a subclass overriding only that (weight
     # standardisation done there) computes something other than a plain convolution too.
     if cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward:
-        return lambda name, conv: _adder_like(name, conv, copy_weights, grad_mode, Adder2d)
+        return lambda name, conv: _adder_like(name, conv, copy_weights, grad_mode, Adder2d, weight_std)
     if (cls.__module__, cls.__name__) == TIMM_CONV2D_SAME:
-        return lambda name, conv: _adder_like(name, conv, copy_weights, grad_mode, Adder2dSame)
+        return lambda name, conv: _adder_like(name, conv, copy_weights, grad_mode, Adder2dSame, weight_std)
     return None
 
 
-def _adder_like(name: str, conv: nn.Conv2d, copy_weights: bool, grad_mode: str, adder_class=Adder2d) -> Adder2d:
+def _adder_like(
+    name: str, conv: nn.Conv2d, copy_weights: bool, grad_mode: str, adder_class=Adder2d, weight_std: float = 1.0
+) -> Adder2d:
     if isinstance(conv.weight, nn.parameter.UninitializedParameter):
         raise ValueError(f"convolution {name!r} is lazy and not initialised yet: run one forward pass first")
     if conv.padding_mode != "zeros":
@@ -263,5 +287,7 @@ def _adder_like(name: str, conv: nn.Conv2d, copy_weights: bool, grad_mode: str, 
         adder.weight.data.copy_(conv.weight.data)
         if conv.bias is not None:
             adder.bias.data.copy_(conv.bias.data)
+    elif weight_std != 1.0:
+        adder.weight.data.mul_(weight_std)  # N(0, 1) (Adder2d's own initialisation) times weight_std
     adder.train(conv.training)
     return adder

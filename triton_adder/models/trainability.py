@@ -3,7 +3,11 @@
 Converting a CNN keeps its architecture, and an adder layer whose output (never positive with a zero bias) feeds a
 ReLU or a gate gets no gradient, silently: training runs, the loss just stays where it started. `check` shows both
 symptoms on one small batch: which adder layers get an all-zero weight gradient where the convolution they replaced
-gets a non-zero one, and whether the model can fit the batch at all.
+gets a non-zero one, and whether the model can fit the batch at all. A live model can still fit slowly when it is
+chaotic: `perturbation_gain` (reported for both models) says how much a small change of the input grows through
+it; deep converted networks at the published N(0, 1) adder initialisation can amplify one thousands of times where
+their CNN amplifies it about ten times, which makes the loss surface too rough for a short SGD fit (see
+`convert`'s weight_std).
 
 Both models run in "fit mode": normalisations in training mode (batch statistics, which is what recentres an adder
 layer's output) and everything else in eval mode, so dropout and stochastic depth (torchvision's StochasticDepth,
@@ -28,6 +32,8 @@ class Trainability:
     losses: list[float]  # cross-entropy on the batch before each step, then once after the last step
     dead: list[str]  # adder layers with an all-zero weight gradient whose convolution's gradient is non-zero
     adders: int  # adder layers in the model
+    gain: float | None = None  # perturbation_gain of the adder model on the batch, before the fit
+    cnn_gain: float | None = None  # the same for the CNN
 
     @property
     def loss_start(self) -> float:
@@ -60,6 +66,21 @@ def fit_mode(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def perturbation_gain(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-4, seed: int = 0) -> float:
+    """How much a small random change of the input grows through `model`, as it is (set fit mode first).
+
+    (||f(x + d) - f(x)|| / ||f(x)||) / (||d|| / ||x||) with d = eps * rms(x) * noise, noise ~ N(0, 1) drawn from
+    `seed`: 1 for a map that scales every input change like its input; a CNN with BatchNorm at random
+    initialisation gives about 1 to 15; thousands mean a chaotic network, whose outputs change completely when its
+    parameters move a little, so the features a classifier has just fitted keep changing under it.
+    """
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    delta = (eps * x.float().pow(2).mean().sqrt() * noise).to(device=x.device, dtype=x.dtype)
+    out, moved = model(x).float(), model(x + delta).float()
+    return ((moved - out).norm() / out.norm() / (delta.float().norm() / x.float().norm())).item()
+
+
 def _weight_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor | None]:
     model.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(model(x), y).backward()
@@ -83,12 +104,15 @@ def check(
     it) is compared with the convolution "a.b" of model_cnn. The fit is SGD (lr, momentum) on every parameter with
     `triton_adder.adaptive_lr_(model, eta)` after each backward, the paper's recipe. With the defaults, every
     converted model in `results/zoo/` (`benchmarks/zoo_trainability.py`) learns but torchvision's
-    MobileNetV3-Large, which has no dead layer but fits slowly (see `results/zoo/README.md`).
+    MobileNetV3-Large, which has no dead layer but is chaotic (`gain` 4.2e3 against its CNN's 11.5) and fits
+    slowly; converted with `convert(..., weight_std=3)` it learns (see `results/zoo/README.md`). `gain` and
+    `cnn_gain` are `perturbation_gain` of the two models on the batch before the fit.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     x, y = batch
     cnn, adder = fit_mode(copy.deepcopy(model_cnn)), fit_mode(copy.deepcopy(model_adder))
+    gains = perturbation_gain(adder, x), perturbation_gain(cnn, x)
     cnn_grads, adder_grads = _weight_grads(cnn, x, y), _weight_grads(adder, x, y)
     dead = []
     for name, module in adder.named_modules():
@@ -109,4 +133,4 @@ def check(
         losses.append(loss.item())
     with torch.no_grad():
         losses.append(nn.functional.cross_entropy(adder(x), y).item())
-    return Trainability(losses, dead, sum(isinstance(m, Adder2d) for m in adder.modules()))
+    return Trainability(losses, dead, sum(isinstance(m, Adder2d) for m in adder.modules()), *gains)
