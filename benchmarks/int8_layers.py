@@ -18,7 +18,7 @@ contestant takes a float32 NCHW input and returns float32:
 
 Contestants (`triton_adder.measure.int8.layer_contenders`, the same `python -m triton_adder.bench`
 times on the CPU) run interleaved (`triton_adder.measure.timing.interleaved`): each repetition
-times one call of each, in an order rotated per repetition, so load from other processes hits
+times one call of each, in an order shuffled per repetition, so load from other processes hits
 them alike; the table shows medians. Ratios are int8 adder time / other time; "geomean" is over the
 unique shapes, "model" is the sum over the model's layers (each shape's median x its layer count).
 """

@@ -22,7 +22,7 @@ Contestants, each a whole `models.build("resnet50", ...)` network, float32 NCHW 
 - adder fp32:  the AdderNet before quantization, on the float32 CPU path (compiled by default).
 
 Contestants run interleaved (`triton_adder.measure.timing.interleaved`): each repetition times one
-forward of each, in an order rotated per repetition, so load from other processes hits them alike;
+forward of each, in an order shuffled per repetition, so load from other processes hits them alike;
 tables show medians and ratios of medians from the same run. The thread count applies to torch
 (`torch.set_num_threads`), to the int8 kernel (which passes `torch.get_num_threads()` to OpenMP per
 call) and to the quantized engine.

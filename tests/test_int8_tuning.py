@@ -20,7 +20,7 @@ from triton_adder import quantize, tune
 from triton_adder.autotune import int8, lookup
 from triton_adder.geometry import Conv2dGeometry, LayerShape
 from triton_adder.quant import QuantizedAdder2d, native
-from triton_adder.tuning import SearchSpace, Tunable
+from triton_adder.tuning import SearchSpace, Tunable, interleaved
 
 
 @pytest.fixture(autouse=True)
@@ -184,6 +184,23 @@ def test_confirm_keeps_the_default_unless_the_winner_is_faster_interleaved():
     assert kept == {"c": "b"} and 0.001 <= best_s < default_s and default_s >= 0.006
     kept, best_s, default_s = int8.confirm(sleeper({"d": 0.001}), {"c": "d"}, repeats=3)
     assert kept == {"c": "d"} and best_s == default_s
+
+
+def test_interleaved_calls_each_once_per_repetition_in_varying_order():
+    """A call warms the caches for the next: in a fixed or rotated order each callable would always follow the
+    same other one, so the order is shuffled (from a seed) per repetition."""
+    order: list[str] = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abcd"}
+    times = interleaved(calls, repeats=40, warmup=1)
+    assert order[:4] == list("abcd") and set(times) == set("abcd")
+    rounds = [order[i : i + 4] for i in range(4, len(order), 4)]
+    assert len(rounds) == 40 and all(sorted(r) == list("abcd") for r in rounds)
+    followers = {(r[i], r[i + 1]) for r in rounds for i in range(3)}
+    assert followers == {(x, y) for x in "abcd" for y in "abcd" if x != y}  # every callable after every other
+    assert all(len(m.samples) == 40 for m in times.values())
+    again: list[str] = []
+    interleaved({name: (lambda name=name: again.append(name)) for name in "abcd"}, repeats=40, warmup=1)
+    assert again == order  # seeded: the same order every run
 
 
 def test_thread_counts():

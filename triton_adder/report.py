@@ -281,7 +281,7 @@ def _int8_section(report: reports.Report, frame: pd.DataFrame, metadata: dict) -
         "quantized conv2d, x86 engine (whole model: the CNN through FX post-training quantization) and our float32 "
         f"adder, float32 in and out, on {get('device', 'this CPU')}, input {get('input shape', '?')}, "
         f"{get('int8 threads', '?')} threads; int8 kernel {get('int8 kernel', '?')}. Timed interleaved (one call "
-        "of each per repetition, order rotated), so the ratios (int8 time / other time, <1: int8 faster) come "
+        "of each per repetition, order shuffled), so the ratios (int8 time / other time, <1: int8 faster) come "
         "from the same repetitions."))
     table = int8_table(frame)
     report.add_table(table, caption="int8 medians (ms) and time ratios of the tuned int8 adder", table_id="int8")

@@ -8,6 +8,7 @@ cache entry) and are never used to pick a GPU config.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -46,10 +47,15 @@ class WallClockBenchmarker:
         return Measurement(statistics.median(samples), tuple(samples), functional=True)
 
 
-def interleaved(calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, Measurement]:
+def interleaved(
+    calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1, seed: int = 0
+) -> dict[str, Measurement]:
     """Wall-clock time of several callables measured side by side: each repetition calls every one once,
-    the order rotated per repetition, so a load change on a shared machine hits them all alike (two
-    medians taken one after the other can differ 2x on a noisy box). warmup untimed rounds first."""
+    so a load change on a shared machine hits them all alike (two medians taken one after the other can
+    differ 2x on a noisy box). The order is shuffled per repetition (from `seed`): a call leaves the caches
+    warm for the one after it, and in a fixed or rotated order each callable would always follow the same
+    other one (measured: 1.2x between two identical int8 layers, one always run after a third that shared
+    their input). warmup untimed rounds first."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     names = list(calls)
@@ -57,8 +63,9 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: in
     for _ in range(warmup):
         for name in names:
             calls[name]()
-    for rep in range(repeats):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+    order = random.Random(seed)
+    for _ in range(repeats):
+        for name in order.sample(names, len(names)):
             start = time.perf_counter()
             calls[name]()
             samples[name].append(time.perf_counter() - start)

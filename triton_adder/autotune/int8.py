@@ -25,6 +25,7 @@ resnet50`` tunes it by default where there is no GPU (``--ops int8`` anywhere).
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import sys
 import warnings
@@ -293,6 +294,7 @@ def _tune_problem(
 
 
 _memo: dict[tuple, native.Blocking] = {}
+_CACHE_SETTINGS = (lookup.CACHE_DIR_ENV, "XDG_CACHE_HOME", "HOME")
 
 
 def blocking_for(
@@ -300,7 +302,8 @@ def blocking_for(
 ) -> native.Blocking:
     """The blocking a `QuantizedAdder2d` call runs: the tuned one cached for this CPU, variant, shape (nearest
     batch bucket) and thread count, else `native.DEFAULT_BLOCKING`. Memoised; never raises for the cache."""
-    key = (library.path, tuple(x_shape), tuple(weight_shape), geom, threads, lookup.cache_dir())
+    # Cheap to build (a layer call pays it): the settings `lookup.cache_dir` reads, not the path it makes.
+    key = (library.path, tuple(x_shape), tuple(weight_shape), geom, threads, *map(os.environ.get, _CACHE_SETTINGS))
     found = _memo.get(key)
     if found is not None:
         return found

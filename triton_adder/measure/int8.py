@@ -292,6 +292,6 @@ def metadata(library: native.Library | None, why_not: str) -> dict:
         "int8 threads": torch.get_num_threads(),
         "int8 timing": (
             "interleaved: per layer and for the whole model, one call of each contender per repetition, "
-            "order rotated; ratios are ratios of medians from the same repetitions"
+            "order shuffled; ratios are ratios of medians from the same repetitions"
         ),
     }

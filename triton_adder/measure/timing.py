@@ -1,7 +1,7 @@
 """Timing measurements into rows: the benchmarker per device and the `Recorder` of rows.
 
 `Recorder.time` times one call alone; `Recorder.time_interleaved` times several side by side
-(`interleaved`: one call of each per repetition, order rotated), for rows whose ratios matter: on
+(`interleaved`: one call of each per repetition, order shuffled), for rows whose ratios matter: on
 a shared machine two medians taken one after the other can be off by 2x, interleaved ones move
 together. `interleaved` itself lives in the generic tuner (`tuning.benchmark`, which imports nothing
 of triton_adder and times the int8 tuner's confirm step); it is re-exported here for the benchmarks.
