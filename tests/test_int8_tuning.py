@@ -19,7 +19,7 @@ import torch
 from triton_adder import quantize, tune
 from triton_adder.autotune import int8, lookup
 from triton_adder.geometry import Conv2dGeometry, LayerShape
-from triton_adder.quant import QuantizedAdder2d, native
+from triton_adder.quant import QuantizedAdder2d, native, tuned
 from triton_adder.tuning import SearchSpace, Tunable, interleaved
 
 
@@ -30,10 +30,10 @@ def _isolated(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TRITON_ADDER_CPU_COMPILE", "0")
     native.clear()
-    int8.clear()
+    tuned.clear()
     yield
     native.clear()
-    int8.clear()
+    tuned.clear()
 
 
 def library() -> native.Library:
@@ -43,10 +43,18 @@ def library() -> native.Library:
 
 
 def entry(lib: native.Library, problem: dict, config: dict) -> dict:
-    """A cache entry for `problem` (`int8.problem_of`) holding `config`, as the tuner stores it."""
-    cache = int8.cache_for(lib)
+    """A cache entry for `problem` (`tuned.problem_of`) holding `config`, as the tuner stores it."""
+    cache = tuned.cache_for(lib)
     return cache.make_entry(
-        int8.OP, int8.kernel_hash(lib), int8.KEY_DTYPE, int8.KEY_LAYOUT, problem, config, 1e-3, 2e-3, functional=False
+        tuned.OP,
+        tuned.kernel_hash(lib),
+        tuned.KEY_DTYPE,
+        tuned.KEY_LAYOUT,
+        problem,
+        config,
+        1e-3,
+        2e-3,
+        functional=False,
     )
 
 
@@ -88,20 +96,20 @@ def test_constraints_prune_what_spills_or_repeats_a_larger_block():
 def test_blocking_for_returns_the_default_until_a_blocking_is_tuned_then_the_tuned_one():
     lib = library()
     x_shape, weight_shape, geom = ODD.x_shape, ODD.weight_shape, ODD.geom
-    assert int8.blocking_for(lib, x_shape, weight_shape, geom, 2) == native.DEFAULT_BLOCKING[lib.isa]
-    tuned = {"mr": 2, "nr": 16, "mc": 32, "nc": 16, "kc": 64, "threads": 1}
-    cache = int8.cache_for(lib)
-    cache.store([entry(lib, int8.problem_of(ODD, 2), tuned)])
-    int8.clear()
-    assert int8.blocking_for(lib, x_shape, weight_shape, geom, 2) == native.Blocking(**tuned)
+    assert tuned.blocking_for(lib, x_shape, weight_shape, geom, 2) == native.DEFAULT_BLOCKING[lib.isa]
+    chosen = {"mr": 2, "nr": 16, "mc": 32, "nc": 16, "kc": 64, "threads": 1}
+    cache = tuned.cache_for(lib)
+    cache.store([entry(lib, tuned.problem_of(ODD, 2), chosen)])
+    tuned.clear()
+    assert tuned.blocking_for(lib, x_shape, weight_shape, geom, 2) == native.Blocking(**chosen)
     # batch 5 lies in bucket 8; the entry (batch 3, bucket 4) is the nearest of its family
-    assert int8.blocking_for(lib, (5, *x_shape[1:]), weight_shape, geom, 2) == native.Blocking(**tuned)
+    assert tuned.blocking_for(lib, (5, *x_shape[1:]), weight_shape, geom, 2) == native.Blocking(**chosen)
     # another thread count, another shape: not this entry
-    assert int8.blocking_for(lib, x_shape, weight_shape, geom, 4) == native.DEFAULT_BLOCKING[lib.isa]
+    assert tuned.blocking_for(lib, x_shape, weight_shape, geom, 4) == native.DEFAULT_BLOCKING[lib.isa]
     other = Conv2dGeometry((1, 1), (1, 1), (1, 1), 2, (9, 7))
-    assert int8.blocking_for(lib, x_shape, weight_shape, other, 2) == native.DEFAULT_BLOCKING[lib.isa]
+    assert tuned.blocking_for(lib, x_shape, weight_shape, other, 2) == native.DEFAULT_BLOCKING[lib.isa]
     # the cache file is named by the CPU model and the kernel variant
-    assert cache.path.name.startswith(int8.identity(lib).filename.split("__")[0])
+    assert cache.path.name.startswith(tuned.identity(lib).filename.split("__")[0])
     assert f"int8-{lib.isa}" in cache.path.name
 
 
@@ -113,17 +121,17 @@ def test_a_layer_runs_the_tuned_blocking_and_its_output_is_unchanged(monkeypatch
     float_layer = Adder2d(20, 20, 3, stride=2, padding=1, groups=2, bias=True)
     q = quantize(torch.nn.Sequential(float_layer), [layer_input])[0]
     before = q(layer_input)
-    tuned = native.Blocking(mr=1, nr=8, mc=16, nc=8, kc=64, threads=1)
-    cache = int8.cache_for(lib)
-    cache.store([entry(lib, int8.problem_of(ODD, torch.get_num_threads()), int8.config_of(tuned))])
-    int8.clear()
+    chosen = native.Blocking(mr=1, nr=8, mc=16, nc=8, kc=64, threads=1)
+    cache = tuned.cache_for(lib)
+    cache.store([entry(lib, tuned.problem_of(ODD, torch.get_num_threads()), tuned.config_of(chosen))])
+    tuned.clear()
     used = []
-    original = int8.blocking_for
-    monkeypatch.setattr(int8, "blocking_for", lambda *args: used.append(original(*args)) or used[-1])
+    original = tuned.blocking_for
+    monkeypatch.setattr(tuned, "blocking_for", lambda *args: used.append(original(*args)) or used[-1])
     assert torch.equal(q(layer_input), before)
-    assert used == [tuned]
+    assert used == [chosen]
     q.blocking = native.DEFAULT_BLOCKING[lib.isa]  # an explicit blocking bypasses the cache
-    assert torch.equal(q(layer_input), before) and used == [tuned]
+    assert torch.equal(q(layer_input), before) and used == [chosen]
 
 
 @pytest.mark.parametrize(
@@ -137,32 +145,32 @@ def test_a_layer_runs_the_tuned_blocking_and_its_output_is_unchanged(monkeypatch
 )
 def test_a_malformed_entry_is_ignored_with_a_warning_and_the_default_runs(config, why):
     lib = library()
-    cache = int8.cache_for(lib)
-    malformed = entry(lib, int8.problem_of(ODD, 2), config)
+    cache = tuned.cache_for(lib)
+    malformed = entry(lib, tuned.problem_of(ODD, 2), config)
     with pytest.raises(ValueError, match=why):
-        int8.accept_entry(malformed)
+        tuned.accept_entry(malformed)
     cache.path.parent.mkdir(parents=True, exist_ok=True)
     cache.path.write_text(
         json.dumps(
-            {"format": "tuning-cache", "version": 1, "device": int8.identity(lib).as_dict(), "entries": [malformed]}
+            {"format": "tuning-cache", "version": 1, "device": tuned.identity(lib).as_dict(), "entries": [malformed]}
         )
     )
-    int8.clear()
+    tuned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        found = int8.blocking_for(lib, ODD.x_shape, ODD.weight_shape, ODD.geom, 2)
+        found = tuned.blocking_for(lib, ODD.x_shape, ODD.weight_shape, ODD.geom, 2)
     assert found == native.DEFAULT_BLOCKING[lib.isa]
     assert any(why in str(w.message) for w in caught), [str(w.message) for w in caught]
 
 
 def test_an_unreadable_cache_never_breaks_a_forward(tmp_path):
     lib = library()
-    int8.cache_for(lib).path.parent.mkdir(parents=True, exist_ok=True)
-    int8.cache_for(lib).path.mkdir()  # a directory where the file goes
-    int8.clear()
+    tuned.cache_for(lib).path.parent.mkdir(parents=True, exist_ok=True)
+    tuned.cache_for(lib).path.mkdir()  # a directory where the file goes
+    tuned.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        found = int8.blocking_for(lib, ODD.x_shape, ODD.weight_shape, ODD.geom, 2)
+        found = tuned.blocking_for(lib, ODD.x_shape, ODD.weight_shape, ODD.geom, 2)
     assert found == native.DEFAULT_BLOCKING[lib.isa]
 
 
@@ -229,9 +237,9 @@ def test_tune_cli_tunes_int8_without_a_gpu_then_finds_it_cached(tmp_path, capsys
     assert [(row[0], row[1], "tuned" in row) for row in rows] == [(f"conv{i}", "int8_forward", True) for i in (2, 3, 4)]
     assert "wall-clock times of the int8 layer" in out
     lib = library()
-    stored = json.loads(int8.cache_for(lib).path.read_text())["entries"]
+    stored = json.loads(tuned.cache_for(lib).path.read_text())["entries"]
     assert sorted(e["problem"]["in_channels"] for e in stored) == [6, 16, 120]
-    assert all(e["op"] == int8.OP and e["problem"]["threads"] == torch.get_num_threads() for e in stored)
+    assert all(e["op"] == tuned.OP and e["problem"]["threads"] == torch.get_num_threads() for e in stored)
     assert all(e["problem"]["batch"] == 2 and not e["functional"] for e in stored)
     assert tune.main(argv) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("conv")]
@@ -244,12 +252,12 @@ def test_tune_cli_tunes_int8_without_a_gpu_then_finds_it_cached(tmp_path, capsys
     quantized = quantize(model, [images])
     layers = [m for m in quantized.modules() if isinstance(m, QuantizedAdder2d)]
     used = []
-    original = int8.blocking_for
-    monkeypatch.setattr(int8, "blocking_for", lambda *args: used.append(original(*args)) or used[-1])
+    original = tuned.blocking_for
+    monkeypatch.setattr(tuned, "blocking_for", lambda *args: used.append(original(*args)) or used[-1])
     quantized(images)
     assert len(used) == len(layers) == 3
     stored_configs = sorted(sorted(e["config"].items()) for e in stored)
-    assert sorted(sorted(int8.config_of(blocking).items()) for blocking in used) == stored_configs
+    assert sorted(sorted(tuned.config_of(blocking).items()) for blocking in used) == stored_configs
 
 
 def test_tune_cli_int8_without_a_compiler(tmp_path, capsys, monkeypatch):

@@ -69,6 +69,7 @@ from triton_adder.cli_args import check_writable, positive_finite_float, positiv
 from triton_adder.contract import DTYPES as ALL_DTYPES
 from triton_adder.contract import GRAD_MODES, KERNEL_DTYPES
 from triton_adder.models.census import DEFAULT_GPU_BATCH
+from triton_adder.quant import tuned
 from triton_adder.training import distributed
 from triton_adder.tuning import CacheLocationError
 
@@ -107,8 +108,8 @@ def format_time(seconds: float | None) -> str:
 def functional_note(rows: Sequence[Row]) -> str:
     """What the times of a no-GPU run are (printed under the table and shown in the report)."""
     note = "kernel times are Triton-interpreter wall clock on the CPU: functional runs, NOT GPU timings"
-    if any(row.op == int8.OP for row in rows):
-        note += (f"; {int8.OP} rows are real CPU timings of the int8 layer, the winner and the default "
+    if any(row.op == tuned.OP for row in rows):
+        note += (f"; {tuned.OP} rows are real CPU timings of the int8 layer, the winner and the default "
                  "timed interleaved")
     if any(row.model_shape for row in rows):
         note += (f"; each problem ran shrunk (batch 1, height/width capped at about {INTERPRETER_SPATIAL_CAP}, "
@@ -146,8 +147,8 @@ def print_table(rows: list[Row], functional: bool, out=None) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(line, widths)), file=out)
     if functional:
         print(f"NOTE: {functional_note(rows)}.", file=out)
-    elif any(row.op == int8.OP for row in rows):
-        print(f"NOTE: {int8.OP} rows are CPU wall-clock times of the int8 layer on this machine; the winner and "
+    elif any(row.op == tuned.OP for row in rows):
+        print(f"NOTE: {tuned.OP} rows are CPU wall-clock times of the int8 layer on this machine; the winner and "
               "the default were timed interleaved.", file=out)
 
 
@@ -219,7 +220,7 @@ def write_report(target: Path | None, rows: list[Row], model_name: str, batch_si
                               progress=True)
     metadata = dict(frame.attrs.get("metadata", {}))
     tuning = rows_frame(rows) if rows else None  # no rows: no kernel tuning ran (CPU, no interpreter)
-    if device.type != "cuda" and any(row.op != int8.OP for row in rows):
+    if device.type != "cuda" and any(row.op != tuned.OP for row in rows):
         metadata["tuning note"] = functional_note(rows)
     if target is None:
         out_dir, html_name = report.default_output_dir(metadata), "report.html"
@@ -261,7 +262,7 @@ def tune_int8_blocking(args: argparse.Namespace, batch: int, explicit: bool) -> 
               "machine (see the warning above)", file=sys.stderr)
         return None if explicit else []
     print(f"int8: model {args.model}, batch {batch}, {torch.get_num_threads()} threads, CPU "
-          f"{int8.cpu_name()} ({int8.identity(library).capability}), cache {int8.cache_for(library).path}",
+          f"{tuned.cpu_name()} ({tuned.identity(library).capability}), cache {tuned.cache_for(library).path}",
           file=sys.stderr)
     bar = ProgressBar(f"tune int8 {args.model}")
     try:

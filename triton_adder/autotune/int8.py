@@ -1,4 +1,4 @@
-"""The int8 CPU kernel's blocking as a tunable: space, runner, a cache per CPU model, the layer's lookup.
+"""The int8 CPU kernel's blocking as a tunable: the search space, the runner, the tuning loop.
 
 The SAD kernel (`quant/sad.c`) takes its blocking at run time (`quant.native.Blocking`: register
 block mr x nr, cache block mc x nc, K chunk kc, thread count), so the generic tuner
@@ -6,14 +6,7 @@ block mr x nr, cache block mc x nc, K chunk kc, thread count), so the generic tu
 real, by the wall clock, on the machine the user runs: ``python -m triton_adder.tune --model
 resnet50`` tunes it by default where there is no GPU (``--ops int8`` anywhere).
 
-- Cache file: one per CPU model and kernel variant, beside the kernels' caches (`lookup.cache_dir`):
-  ``DeviceIdentity(name=<CPU model name>, capability="int8-<variant>[-ifma]", triton_version="none")``.
-- Entry key: op "int8_forward"; kernel hash = the compiled library's name (a hash of the source, the
-  flags and the compiler's version, `native.library_path`), so a rebuilt kernel is tuned again;
-  dtype "float32" and layout "contiguous" always (the blocking only sees the int8 operands);
-  problem = `lookup.problem_key` of the layer call (batch bucketed to a power of two, nearest bucket
-  at lookup) plus "threads", torch's thread count when tuned: a winner for 2 threads says nothing
-  about 16.
+- Cache keys and the layer's lookup: `quant.tuned` (winners are stored there, per CPU model).
 - What is timed: the layer's whole forward (quantize the input, im2col, SAD, rescale), the work a
   user's call does, on a random float32 input. The blocking changes no sum, so a winner's output must
   equal the default's exactly.
@@ -24,26 +17,30 @@ resnet50`` tunes it by default where there is no GPU (``--ops int8`` anywhere).
 
 from __future__ import annotations
 
-import functools
-import os
-import platform
 import sys
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 
 import torch
 
 from triton_adder import models
-from triton_adder.autotune import lookup
 from triton_adder.autotune.problems import LayerProblem, by_work, collect_problems
 from triton_adder.autotune.tuner import Progress, Row
-from triton_adder.geometry import Conv2dGeometry, LayerShape
+from triton_adder.geometry import LayerShape
 from triton_adder.models.census import MODEL_INPUT_SIZE
 from triton_adder.quant import native
+from triton_adder.quant.tuned import (
+    KEY_DTYPE,
+    KEY_LAYOUT,
+    OP,
+    blocking_of,
+    cache_for,
+    clear,
+    config_of,
+    kernel_hash,
+    problem_of,
+)
 from triton_adder.tuning import (
     Constraint,
-    DeviceIdentity,
     SearchSpace,
     Tunable,
     TuningCache,
@@ -52,8 +49,6 @@ from triton_adder.tuning import (
     search,
 )
 
-OP = "int8_forward"
-KEY_DTYPE, KEY_LAYOUT = "float32", "contiguous"
 DEFAULT_BUDGET_S = 10.0
 """Search seconds per layer problem: a config runs in milliseconds, so 10 s times tens of configs
 (ResNet-50's 22 problems in about 4 minutes on a 2-core machine)."""
@@ -74,73 +69,6 @@ _SEARCH_SPACE = {
 VECTOR_REGISTERS = {"avx512bw": 32, "avx2": 16, "portable": 16}
 VECTORS_PER_GROUP = {"avx512bw": 1, "avx2": 2, "portable": 2}
 """Vector registers per 8-channel weight group: one zmm, two ymm (the portable loop: SSE2's 16 xmm, as avx2)."""
-
-
-@functools.cache
-def cpu_name() -> str:
-    """The CPU model ("Intel(R) Xeon(R) Processor"): /proc/cpuinfo's model name, else the platform's word."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def identity(library: native.Library) -> DeviceIdentity:
-    """The cache identity: CPU model and kernel variant (timings are valid for nothing else)."""
-    variant = library.isa + ("-ifma" if "-mavx512ifma" in native.isa_flags(library.isa) else "")
-    return DeviceIdentity(cpu_name(), f"int8-{variant}", "none")
-
-
-def kernel_hash(library: native.Library) -> str:
-    """The compiled library's name: it changes with the source, the flags and the compiler."""
-    return library.path.stem
-
-
-def problem_of(shape: LayerShape, threads: int) -> dict:
-    return {**lookup.problem_key(shape), "threads": int(threads)}
-
-
-def config_of(blocking: native.Blocking) -> dict:
-    return asdict(blocking)
-
-
-def blocking_of(config: dict) -> native.Blocking:
-    """A config dict as a checked Blocking; ValueError (naming the entry) for anything else."""
-    if set(config) != {"mr", "nr", "mc", "nc", "kc", "threads"}:
-        raise ValueError(f"int8 config must have the fields mr, nr, mc, nc, kc, threads, got {sorted(config)}")
-    if config["threads"] is None:
-        raise ValueError("int8 config.threads must be a positive int, got None")
-    return native.Blocking(**config).check("cached int8 config")
-
-
-def accept_entry(entry: dict) -> None:
-    """The cache's validator: ValueError unless the layer could run `entry`."""
-    if entry["op"] != OP:
-        raise ValueError(f"op must be {OP!r}, got {entry['op']!r}")
-    problem = dict(entry["problem"])
-    threads = problem.pop("threads", None)
-    if type(threads) is not int or threads < 1:
-        raise ValueError(f"{OP} problem.threads must be a positive int, got {threads!r}")
-    lookup.check_problem_key(problem, f"{OP} problem")
-    blocking = blocking_of(dict(entry["config"]))
-    if blocking.threads > threads:
-        raise ValueError(f"{OP} config.threads {blocking.threads} exceeds the problem's {threads}")
-
-
-_caches: dict[tuple, TuningCache] = {}
-
-
-def cache_for(library: native.Library) -> TuningCache:
-    """The TuningCache of this CPU and variant in `lookup.cache_dir()`, one per process and directory."""
-    ident, directory = identity(library), lookup.cache_dir()
-    key = (ident, directory)
-    if key not in _caches:
-        _caches[key] = TuningCache(directory, ident, shipped_dirs=(), accept_entry=accept_entry)
-    return _caches[key]
 
 
 def thread_counts(threads: int) -> tuple[int, ...]:
@@ -291,36 +219,3 @@ def _tune_problem(
         f"(interleaved), {default_s / time_s:.2f}x, {result.runs} runs"
     )
     return row
-
-
-_memo: dict[tuple, native.Blocking] = {}
-_CACHE_SETTINGS = (lookup.CACHE_DIR_ENV, "XDG_CACHE_HOME", "HOME")
-
-
-def blocking_for(
-    library: native.Library, x_shape: Sequence[int], weight_shape: Sequence[int], geom: Conv2dGeometry, threads: int
-) -> native.Blocking:
-    """The blocking a `QuantizedAdder2d` call runs: the tuned one cached for this CPU, variant, shape (nearest
-    batch bucket) and thread count, else `native.DEFAULT_BLOCKING`. Memoised; never raises for the cache."""
-    # Cheap to build (a layer call pays it): the settings `lookup.cache_dir` reads, not the path it makes.
-    key = (library.path, tuple(x_shape), tuple(weight_shape), geom, threads, *map(os.environ.get, _CACHE_SETTINGS))
-    found = _memo.get(key)
-    if found is not None:
-        return found
-    found = native.DEFAULT_BLOCKING[library.isa]
-    try:
-        shape = LayerShape.of(tuple(x_shape), tuple(weight_shape), geom)
-        hit = cache_for(library).lookup(OP, kernel_hash(library), KEY_DTYPE, KEY_LAYOUT, problem_of(shape, threads))
-        if hit is not None:  # the cache returns only entries `accept_entry` took, so this parses
-            found = blocking_of(hit.config)
-    except (OSError, ValueError, TypeError) as error:  # never let the cache break a forward
-        warnings.warn(f"ignoring the int8 tuning cache: {error}", RuntimeWarning, stacklevel=3)
-    _memo[key] = found
-    return found
-
-
-def clear() -> None:
-    """Forget memoised blockings and loaded cache files (after tuning, or a cache changed on disk)."""
-    _memo.clear()
-    for cache in _caches.values():
-        cache.reload()

@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from triton_adder.autotune import int8 as int8_tuning
 from triton_adder.backends import cpu as cpu_path
 from triton_adder.backends import use_backend
 from triton_adder.geometry import LayerShape
 from triton_adder.nn import Adder2d
-from triton_adder.quant import QuantizedAdder2d, native, quantize
+from triton_adder.quant import QuantizedAdder2d, native, quantize, tuned
 
 from .baselines import conv_padding
 from .derived import INT8_FAMILY
@@ -214,12 +213,11 @@ def _blocking_configs(library: native.Library, shape: LayerShape | None = None) 
     one where the cache has it for this CPU, shape and thread count) and the variant's default."""
     default = native.DEFAULT_BLOCKING[library.isa]
     if shape is None:
-        tuned = "per layer: its tuned blocking where cached, else the default"
+        runs = "per layer: its tuned blocking where cached, else the default"
     else:
-        blocking = int8_tuning.blocking_for(library, shape.x_shape, shape.weight_shape, shape.geom,
-                                            torch.get_num_threads())
-        tuned = str(blocking) + (" (the default: none tuned for this shape)" if blocking == default else "")
-    return {"int8 adder": tuned, "int8 default": f"{library.isa} default {default}"}
+        blocking = tuned.blocking_for(library, shape.x_shape, shape.weight_shape, shape.geom, torch.get_num_threads())
+        runs = str(blocking) + (" (the default: none tuned for this shape)" if blocking == default else "")
+    return {"int8 adder": runs, "int8 default": f"{library.isa} default {default}"}
 
 
 def layer_rows(rec: Recorder, shape: LayerShape, common: dict, library: native.Library | None, why_not: str) -> None:

@@ -96,7 +96,7 @@ class QuantizedAdder2d(nn.Module):
     an input that requires grad), it raises a RuntimeError; there is no backward.
 
     `blocking`: None runs the blocking `python -m triton_adder.tune` cached for this CPU, layer shape
-    and thread count (`autotune.int8.blocking_for`), else `native.DEFAULT_BLOCKING` of the variant in
+    and thread count (`quant.tuned.blocking_for`), else `native.DEFAULT_BLOCKING` of the variant in
     use; a `native.Blocking` overrides both (the tuner sets it, benchmarks compare).
     """
 
@@ -289,9 +289,9 @@ class QuantizedAdder2d(nn.Module):
         if self.blocking is not None:
             blocking = self.blocking.check("QuantizedAdder2d.blocking")
         else:
-            from triton_adder.autotune import int8  # noqa: PLC0415  (the tuning cache: only when needed)
+            from triton_adder.quant import tuned  # noqa: PLC0415  (reads the tuning cache: only when needed)
 
-            blocking = int8.blocking_for(library, x.shape, self.weight_q.shape, geom, threads)
+            blocking = tuned.blocking_for(library, x.shape, self.weight_q.shape, geom, threads)
         threads = min(threads, blocking.threads or threads)
         dtype = x.dtype
         if x.dtype in (torch.float16, torch.bfloat16):
