@@ -54,8 +54,7 @@ def interleaved(
     so a load change on a shared machine hits them all alike (two medians taken one after the other can
     differ 2x on a noisy box). The order is shuffled per repetition (from `seed`): a call leaves the caches
     warm for the one after it, and in a fixed or rotated order each callable would always follow the same
-    other one (measured: 1.2x between two identical int8 layers, one always run after a third that shared
-    their input). warmup untimed rounds first."""
+    other one, and two identical calls would time differently. warmup untimed rounds first."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     names = list(calls)

@@ -4,7 +4,7 @@
 (`interleaved`: one call of each per repetition, order shuffled), for rows whose ratios matter: on
 a shared machine two medians taken one after the other can be off by 2x, interleaved ones move
 together. `interleaved` itself lives in the generic tuner (`tuning.benchmark`, which imports nothing
-of triton_adder and times the int8 tuner's confirm step); it is re-exported here for the benchmarks.
+of triton_adder and times the int8 tuner's confirm step).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from triton_adder.tuning.benchmark import CudaEventBenchmarker, WallClockBenchmarker, interleaved
 
-__all__ = ["Recorder", "benchmarker", "interleaved", "memory_budget", "synchronize"]
+__all__ = ["Recorder", "benchmarker", "memory_budget", "synchronize"]
 
 
 def benchmarker(device: torch.device, quick: bool, repeats: int | None):
