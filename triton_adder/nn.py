@@ -29,6 +29,10 @@ class Adder2d(nn.Module):
     zero, so every output channel would start as nearly the same ``-sum |x|``. Bias starts at 0.
     """
 
+    # The rest of nn.Conv2d's public attributes, for model code that reads them off a replaced convolution.
+    transposed = False
+    output_padding = (0, 0)
+
     def __init__(
         self,
         in_channels: int,
@@ -127,3 +131,27 @@ class Adder2dSame(Adder2d):
         # One asymmetric zero pad then a padding-0 adder: the padded taps read 0, as Adder2d's do.
         input = nn.functional.pad(input, (left, right, top, bottom))
         return super().forward(input)
+
+
+class Adder2dWithNorm(nn.Sequential):
+    """``Sequential(adder, norm)`` that also answers as its adder layer: what `convert(..., insert_norm=True)` puts
+    where a convolution fed an activation without a normalisation.
+
+    Model code that reads the replaced convolution's attributes (``self.proj.weight.dtype``,
+    ``self.proj.out_channels``: timm's EdgeNeXt positional encoding does) would find nothing on a plain Sequential;
+    here every name the Sequential does not have is looked up on the adder (``self[0]``). It stays a Sequential,
+    so checkpoints keep the keys ``<name>.0.weight`` / ``<name>.1.running_mean``, `quantize` folds the norm into
+    the adder layer's rescale, and module walks see the adder and the norm as they are.
+    """
+
+    def __init__(self, adder: Adder2d, norm: nn.Module):
+        super().__init__(adder, norm)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            if name.startswith("__") or not modules or "0" not in modules:
+                raise  # half-built (unpickling, deepcopy): nothing to delegate to yet
+            return getattr(modules["0"], name)

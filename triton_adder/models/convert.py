@@ -13,7 +13,7 @@ from torch import nn
 
 from triton_adder.contract import GRAD_MODES
 from triton_adder.models import consumers
-from triton_adder.nn import Adder2d, Adder2dSame
+from triton_adder.nn import Adder2d, Adder2dSame, Adder2dWithNorm
 
 TIMM_CONV2D_SAME = ("timm.layers.conv2d_same", "Conv2dSame")
 GUESSED_IMAGE_SIZE = (224, 224)
@@ -102,7 +102,9 @@ def convert(
       normalisation after it: kept, as the paper keeps fully connected layers.
     - its output reaches an activation, a gate (sigmoid, multiply) or an addition first: kept, with one warning
       listing these layers (a ReLU after it would output 0 and pass no gradient); with insert_norm=True
-      converted to ``nn.Sequential(adder, nn.BatchNorm2d(out_channels))`` instead (names gain ".0" / ".1").
+      converted to ``Adder2dWithNorm(adder, nn.BatchNorm2d(out_channels))`` instead: a Sequential (names gain
+      ".0" / ".1") that also answers as its adder layer, so model code reading the convolution's ``.weight`` or
+      ``.out_channels`` still finds them.
     - otherwise (into a linear layer or the model's output): converted.
 
     The analysis runs `model` once on example_input (a tensor or tuple of arguments; eval mode, no gradients;
@@ -181,7 +183,7 @@ def convert(
             adder = factory(name, conv)
             if with_norm:
                 norm = nn.BatchNorm2d(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype)
-                adder = nn.Sequential(adder, norm.train(conv.training))
+                adder = Adder2dWithNorm(adder, norm.train(conv.training))
             replacements[id(conv)] = adder
         if name == "":  # the model itself is a convolution
             return (replacements[id(conv)], decisions) if report else replacements[id(conv)]

@@ -109,6 +109,7 @@ class QuantizedAdder2d(nn.Module):
         self.in_channels, self.out_channels, self.groups = layer.in_channels, layer.out_channels, layer.groups
         self.kernel_size, self.stride, self.dilation = layer.kernel_size, layer.stride, layer.dilation
         self.padding = layer.padding
+        self.weight_dtype = layer.weight.dtype  # `weight`'s dtype: model code may cast its input to it
         self.tf_same = isinstance(layer, Adder2dSame)  # padding from each input's size (timm's Conv2dSame)
         self.blocking: native.Blocking | None = None
         cout, cg, kh, kw = layer.weight.shape
@@ -193,6 +194,15 @@ class QuantizedAdder2d(nn.Module):
     @property
     def scale_value(self) -> float:
         return float(self.scale)
+
+    # The rest of nn.Conv2d's public attributes, for model code that reads them off the layer it replaced.
+    padding_mode, transposed, output_padding = "zeros", False, (0, 0)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weights the kernel compares with, dequantized (``weight_q * scale``) in the float layer's dtype: a
+        new tensor each call, for model code that reads a layer's ``.weight`` (its dtype, shape or device)."""
+        return (self.weight_q.double() * self.scale).to(self.weight_dtype)
 
     def extra_repr(self) -> str:
         text = (
