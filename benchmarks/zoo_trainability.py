@@ -15,8 +15,10 @@ batch of --batch random 3 x --size x --size images with labels 0, 1, 2, ...:
   its lowest and its last over --steps steps, and the CNN's own start and lowest with the same optimiser;
   `learns` is `Trainability.learns()`.
 
---weight-std S converts with `convert(..., weight_std=S)` (adder weights N(0, S^2) instead of the published
-N(0, 1)); its rows' mode reads "default,weight_std=S" (write them to their own --out). Each printed line also
+--weight-std S converts with `convert(..., weight_std=S)`: "auto" (convert's default: each layer's weights 5 times
+as wide as its input, measured by one training-mode pass of the CNN on convert's guessed input) or a number (adder
+weights N(0, S^2); 1 is the published N(0, 1)); a number's rows' mode reads "default,weight_std=S" (write them to
+their own --out). Each printed line also
 gives `perturbation_gain` of the adder model and of the CNN (`Trainability.gain`, `cnn_gain`; not in the CSV).
 
 Models above --max-grad-params get the decisions only (a backward pass of the largest RegNets and ViTs on
@@ -86,7 +88,7 @@ def measure(name: str, build, args) -> list[dict]:
             )
         warned = sum(d.decision == "kept" and d.reason.startswith("output reaches") for d in decisions)
         row = {
-            "model": name, "mode": mode + (f",weight_std={args.weight_std:g}" if args.weight_std != 1 else ""),
+            "model": name, "mode": mode + (f",weight_std={args.weight_std:g}" if args.weight_std != "auto" else ""),
             "params_m": f"{params / 1e6:.1f}", "warned": warned, "error": "",
             "adders": sum(d.decision != "kept" for d in decisions),
             "kept": sum(d.decision == "kept" for d in decisions),
@@ -115,6 +117,10 @@ def measure(name: str, build, args) -> list[dict]:
     return rows
 
 
+def _weight_std(text: str) -> str | float:
+    return text if text == "auto" else float(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zoo", choices=("torchvision", "timm"), required=True)
@@ -123,7 +129,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--weight-std", type=float, default=1.0, help="convert's weight_std (default 1: published)")
+    parser.add_argument(
+        "--weight-std", type=_weight_std, default="auto", help='convert\'s weight_std: "auto" (default) or a number'
+    )
     parser.add_argument("--max-fit-params", type=float, default=30e6)
     parser.add_argument("--max-grad-params", type=float, default=100e6)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")

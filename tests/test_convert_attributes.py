@@ -16,6 +16,7 @@ from torch import nn
 from triton_adder import Adder2d, convert, quantize
 from triton_adder.backends import use_backend
 from triton_adder.backends.cpu import common
+from triton_adder.models.convert import FUSING_METHODS
 from triton_adder.nn import Adder2dWithNorm
 
 
@@ -42,7 +43,7 @@ def _public_attributes(conv: nn.Conv2d) -> list[str]:
 
 def _replacement(conv: nn.Conv2d, insert_norm: bool) -> nn.Module:
     """What convert puts in place of `conv` when its output feeds a ReLU (kept unless insert_norm) or a norm."""
-    after = nn.ReLU() if insert_norm else nn.BatchNorm2d(conv.out_channels)
+    after = nn.ReLU() if insert_norm else nn.BatchNorm2d(conv.out_channels, dtype=conv.weight.dtype)
     converted = convert(nn.Sequential(conv, after), keep_first=False, keep_last=False, insert_norm=insert_norm)
     return converted[0]
 
@@ -143,3 +144,67 @@ def test_quantize_folds_the_inserted_norm_and_the_quantized_layer_answers_too():
     torch.testing.assert_close(layer.weight.double(), layer.weight_q.double() * layer.scale, rtol=1e-7, atol=0)
     # Same integer sums; the norm applied in the float64 epilogue instead of after a float32 output: float32 rounding.
     torch.testing.assert_close(folded(x), unfolded(x), rtol=1e-5, atol=1e-5)
+
+
+class RepBlock(nn.Module):
+    """A re-parameterisable block (MobileOne's pattern): conv + BN branches that `reparameterize` fuses into one."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.fused = None
+
+    def forward(self, x):
+        return torch.relu(self.fused(x) if self.fused is not None else self.bn(self.conv(x)))
+
+    def reparameterize(self):
+        scale = self.bn.weight / (self.bn.running_var + self.bn.eps).sqrt()
+        self.fused = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, 3, padding=1)
+        self.fused.weight.data = self.conv.weight * scale[:, None, None, None]
+        self.fused.bias.data = self.bn.bias - self.bn.running_mean * scale
+
+    def fuse(self):
+        self.reparameterize()
+        return self
+
+
+class RepNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block, self.head = RepBlock(3), RepBlock(3), nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+    def reparameterize(self):
+        for block in (self.stem, self.block):
+            block.reparameterize()
+
+
+def test_fusing_a_block_that_holds_adder_layers_is_refused_and_other_blocks_still_fuse():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    cnn = RepNet().eval()
+    expected = cnn(x)
+    RepNet.reparameterize(fused := copy.deepcopy(cnn))
+    torch.testing.assert_close(fused(x), expected)  # the fusion is right for convolutions
+    converted = convert(cnn)  # keep_first keeps stem.conv; block.conv becomes an adder layer
+    assert isinstance(converted.block.conv, Adder2d) and type(converted.stem.conv) is nn.Conv2d
+    refused = [(converted.block, "reparameterize"), (converted.block, "fuse"), (converted, "reparameterize")]
+    for module, method in refused:
+        with pytest.raises(RuntimeError, match=rf"RepBlock.{method}|RepNet.{method}") as error:
+            getattr(module, method)()
+        assert "block.conv" in str(error.value) and "adder" in str(error.value)
+    converted.stem.reparameterize()  # no adder layer under it
+    assert converted.stem.fused is not None
+    assert set(FUSING_METHODS) >= {"fuse", "reparameterize"}
+    for clone in (copy.deepcopy(converted), torch.load(_saved(converted), weights_only=False)):
+        with pytest.raises(RuntimeError, match="adder"):
+            clone.block.reparameterize()
+
+
+def _saved(model: nn.Module) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return buffer

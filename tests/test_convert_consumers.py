@@ -5,6 +5,7 @@ fire module and AlexNet (conv -> ReLU), MobileNetV3's squeeze-excitation (1x1 co
 a ResNet basic block, a ConvNeXt block (conv -> permute -> LayerNorm) and a classifier conv on a pooled map.
 """
 
+import copy
 import warnings
 
 import pytest
@@ -288,9 +289,12 @@ class UntraceableOnTokens(nn.Module):
         return self.act(self.conv(x))
 
 
-def test_model_neither_traceable_nor_runnable_on_a_guess_is_converted_with_one_warning():
+def test_model_neither_traceable_nor_runnable_on_a_guess_is_converted_with_two_warnings():
     converted, decisions, messages = _decisions(UntraceableOnTokens(), keep_first=False, keep_last=False)
-    assert len(messages) == 1 and "could not trace" in messages[0] and "input failed" in messages[0]
+    assert len(messages) == 2 and all("example_input=" in m for m in messages)
+    assert "could not trace" in messages[0] and "running it on random inputs failed ((2, 4, 224, 224)" in messages[0]
+    assert 'weight_std="auto") could not run' in messages[1] and "N(0, 1)" in messages[1]
+    assert converted.conv.weight.std().item() == pytest.approx(1.0, rel=0.5)  # 16 draws of N(0, 1)
     assert decisions["conv"] == ("converted", "consumer analysis skipped") and isinstance(converted.conv, Adder2d)
     tokens = torch.tensor([[1, 2, 3]])
     _, decisions, messages = _decisions(UntraceableOnTokens(), keep_first=False, keep_last=False, example_input=tokens)
@@ -360,20 +364,24 @@ def test_perturbation_gain_is_one_for_a_linear_map_and_the_relative_change_other
     assert perturbation_gain(square, x) == pytest.approx(expected, rel=1e-3)
 
 
-def test_deep_converted_bottleneck_is_chaotic_at_the_published_init_and_learns_with_wider_templates():
+@pytest.mark.parametrize("wider", [3.0, "auto"])
+def test_deep_converted_bottleneck_is_chaotic_at_the_published_init_and_learns_with_wider_templates(wider):
     """The class of MobileNetV3-Large's slow fit (results/zoo/README.md): 32 adder layers in series on a wide
     residual stream amplify a small input change hundreds of times more than the CNN does at N(0, 1), and the
-    short fit stalls; N(0, 3^2) templates keep it near the CNN's gain and the batch is fitted."""
+    short fit stalls; N(0, 3^2) templates, or convert's default (5 times each layer's input spread), keep it near
+    the CNN's gain and the batch is fitted."""
     torch.manual_seed(0)
     cnn = deep_bottleneck_net()
     x, y = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(4)
     torch.manual_seed(0)
-    published = convert(cnn)
+    published = convert(cnn, weight_std=1.0)
     torch.manual_seed(0)
-    wide = convert(cnn, weight_std=3.0)
+    wide, decisions = convert(cnn, weight_std=wider, report=True)
+    stds = {d.name: d.weight_std for d in decisions}
     for name, module in published.named_modules():  # the same draw, scaled
         if isinstance(module, Adder2d):
-            torch.testing.assert_close(wide.get_submodule(name).weight, 3.0 * module.weight, rtol=0, atol=0)
+            expected = module.weight * stds[name]
+            torch.testing.assert_close(wide.get_submodule(name).weight, expected, rtol=0, atol=0)
     cnn_gain = perturbation_gain(fit_mode(cnn), x)
     assert cnn_gain < 3
     assert perturbation_gain(fit_mode(published), x) > 100 * cnn_gain
@@ -394,13 +402,87 @@ def test_weight_std_must_be_a_positive_finite_number(weight_std):
 def test_weight_std_sets_the_spread_of_new_weights_and_is_refused_with_copy_weights():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(64, 64, 3), nn.BatchNorm2d(64))
-    converted = convert(model, keep_first=False, keep_last=False, weight_std=2.5)
+    converted, decisions = convert(model, keep_first=False, keep_last=False, weight_std=2.5, report=True)
     weight = converted[0].weight
     assert isinstance(converted[0], Adder2d) and weight.std().item() == pytest.approx(2.5, rel=0.02)
-    assert abs(weight.mean().item()) < 0.05
+    assert abs(weight.mean().item()) < 0.05 and decisions[0].weight_std == 2.5
     with pytest.raises(ValueError, match="copy_weights"):
         convert(TinyMobileNetV3(), copy_weights=True, weight_std=2.0)
-    assert convert(TinyMobileNetV3(), copy_weights=True, weight_std=1.0) is not None
+    for weight_std in (1.0, "auto"):  # the default does not stop copy_weights: the copied weights are kept
+        copied, decisions = convert(
+            model, keep_first=False, keep_last=False, copy_weights=True, report=True, weight_std=weight_std
+        )
+        assert torch.equal(copied[0].weight, model[0].weight) and decisions[0].weight_std is None
+
+
+def _input_stds_float64(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Each convolution's input standard deviation in a training-mode float64 pass (the independent reference)."""
+    model = copy.deepcopy(model).double().train()
+    stds = {}
+
+    def record(name, args):
+        stds.setdefault(name, args[0].std().item())  # returns None: a pre-hook's return would replace the input
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(lambda mod, args, name=name: record(name, args))
+    with torch.no_grad():
+        model(x.double())
+    return stds
+
+
+class FixedHead(nn.Module):
+    """A CIFAR-style net whose linear head takes 32 x 32 inputs only, with dropout (a random draw in training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Dropout(0.5),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(32 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x).flatten(1))
+
+
+def test_auto_weight_std_is_five_times_each_layers_input_spread_on_the_first_guess_that_runs():
+    torch.manual_seed(0)
+    cnn = FixedHead().eval()
+    guess = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # 224 x 224 does not run
+    expected = _input_stds_float64(cnn, guess)  # Dropout draws differ: only its successor's input moves
+    before = copy.deepcopy(cnn.state_dict())
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the 32 x 32 guess ran
+        converted, decisions = convert(cnn, keep_first=False, keep_last=False, report=True)
+    after_convert = torch.get_rng_state()
+    torch.manual_seed(1)
+    convert(cnn, keep_first=False, keep_last=False, weight_std=1.0)
+    assert torch.equal(after_convert, torch.get_rng_state())  # the measuring pass drew nothing from the global RNG
+    for name, value in before.items():  # running statistics untouched, the CNN's and the copy's
+        assert torch.equal(cnn.state_dict()[name], value), name
+    stds = {d.name: d.weight_std for d in decisions}
+    assert stds["body.0"] == pytest.approx(5 * expected["body.0"], rel=1e-6)
+    # after the dropout, whose draw differs: its mask moves the spread of 32768 values by about 1%
+    assert stds["body.4"] == pytest.approx(5 * expected["body.4"], rel=0.05)
+    assert stds["body.6"] == pytest.approx(5 * expected["body.6"], rel=0.05)
+    for name, std in stds.items():
+        weight = converted.get_submodule(name).weight
+        assert weight.std().item() == pytest.approx(std, rel=0.15), name  # >= 432 draws: sample std within 15%
+    assert not any(m.training for m in [*cnn.modules(), *converted.modules()])  # modes restored (eval)
+
+
+def test_auto_weight_std_uses_example_input_and_warns_when_nothing_runs():
+    torch.manual_seed(0)
+    cnn = FixedHead()
+    x = 3.0 * torch.randn(4, 3, 32, 32)
+    _, decisions = convert(cnn, keep_first=False, keep_last=False, report=True, example_input=x)
+    assert decisions[0].weight_std == pytest.approx(5 * _input_stds_float64(cnn, x)["body.0"], rel=1e-6)
+    with pytest.warns(UserWarning, match=r'weight_std="auto"\) could not run FixedHead.*example_input: RuntimeError'):
+        _, decisions = convert(cnn, report=True, example_input=torch.randn(4, 3, 16, 16), analyse=False)
+    assert [d.weight_std for d in decisions if d.decision != "kept"] == [1.0]
 
 
 def assert_runs_compiled_and_under_bf16_autocast(model: nn.Module, x: torch.Tensor) -> None:

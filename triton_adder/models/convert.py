@@ -16,8 +16,10 @@ from triton_adder.models import consumers
 from triton_adder.nn import Adder2d, Adder2dSame, Adder2dWithNorm
 
 TIMM_CONV2D_SAME = ("timm.layers.conv2d_same", "Conv2dSame")
-GUESSED_IMAGE_SIZE = (224, 224)
-"""H x W of the input `convert` runs a model on when fx cannot trace it and it names no input size (ImageNet's)."""
+AUTO_WEIGHT_STD_RATIO = 5.0
+"""weight_std="auto": each adder layer's weights are N(0, (5 sigma)^2), sigma the standard deviation of its input."""
+GUESSED_IMAGE_SIZES = ((224, 224), (32, 32), (28, 28))
+"""H x W of the inputs `convert` tries, in order, on a model that names no input size: ImageNet's, CIFAR's, MNIST's."""
 """timm's TF-style "same" convolution, matched by module and class name so timm is never imported here."""
 
 
@@ -28,6 +30,7 @@ class LayerDecision:
     name: str
     decision: str  # "converted", "converted_with_norm" or "kept"
     reason: str
+    weight_std: float | None = None  # the new adder weights' standard deviation (None: kept, or copy_weights)
 
 
 def convert(
@@ -44,7 +47,7 @@ def convert(
     example_input=None,
     insert_norm: bool = False,
     report: bool = False,
-    weight_std: float = 1.0,
+    weight_std: float | str = "auto",
 ):
     """Replace each `nn.Conv2d` of `model` by an `Adder2d` with the same hyperparameters.
 
@@ -65,17 +68,24 @@ def convert(
     inplace: modify `model` itself; by default a deep copy is converted and returned.
     mapping: {Conv2d subclass: factory}; factory(conv) returns the adder module that replaces a
     convolution of exactly that class (it handles copy_weights, grad_mode and weight_std itself).
-    weight_std: the standard deviation of the new adder weights, N(0, weight_std^2) (default 1.0: the published
-    N(0, 1)); not allowed with copy_weights. Wider templates make a deep converted network less chaotic: an
-    adder layer is |x - w|, folded wherever a template w lies inside the spread of its input x, and BatchNorm
-    after it rescales the folded output, so a small change of the input grows by up to 1/sqrt(1 - 2/pi) (about
-    1.66) per layer at N(0, 1) where x is wide (a linear-bottleneck residual stream, BatchNorm output with no
-    activation); dozens in series make the loss surface of the BatchNorm and adder parameters so rough that SGD
-    barely fits. Torchvision's MobileNetV3-Large (44 adder layers, 64 x 64 input) amplifies a small input
-    perturbation 4.2e3 times at N(0, 1), 4.0e2 times at weight_std=3, against 11.5 for its CNN
-    (`trainability.perturbation_gain`), and fits a batch only at weight_std=3 (see `results/zoo/README.md`).
-    With grad_mode="exact" a template outside its inputs' range gets no gradient (the sign derivative is
-    constant there and BatchNorm's backward sums to zero).
+    weight_std: the spread of the new adder weights. "auto" (the default): each adder layer's weights are
+    N(0, (AUTO_WEIGHT_STD_RATIO * sigma)^2), sigma the standard deviation of that convolution's input when the CNN
+    runs once in training mode (batch statistics; running statistics, modes and the random state are restored) on
+    example_input, or else on the guessed input described below; a layer that pass does not reach, or whose input has
+    sigma 0, keeps N(0, 1), and if the pass fails every layer does, with one warning. A number S: N(0, S^2) for
+    every layer (1.0 is the published initialisation). Not allowed (other than 1.0) with copy_weights.
+
+    Why "auto": an adder layer is -sum|x - w|. Where a template w lies inside the spread of its input x the output
+    is folded (V-shaped in x), and the BatchNorm after it rescales the fold, so a small change of the input grows
+    by up to 1/sqrt(1 - 2/pi) (about 1.66) per layer; dozens in series make the network chaotic and SGD barely
+    fits. The published N(0, 1) suits the paper's ResNets, whose adder layers read post-ReLU BatchNorm output
+    (sigma about 0.58, so w spans about 1.7 sigma), but not inputs of sigma 1.4 to 3 (the linear-bottleneck
+    residual streams of MobileNets, GhostNet's linear ghost modules): torchvision's MobileNetV3-Large at N(0, 1)
+    amplifies a small input change 4.2e3 times against 11.5 for its CNN (`trainability.perturbation_gain`) and
+    does not fit a batch; templates 5 sigma wide start each layer nearly linear in its input (|x - w| = |w| -
+    sign(w) x where |w| > |x|) and the converted zoo models fit (`results/zoo/README.md`). With
+    grad_mode="exact" a template outside its inputs' range gets no gradient (the sign derivative is constant
+    there and BatchNorm's backward sums to zero); the paper's gradient (x - w) still moves it.
 
     What happens to each kind of convolution:
 
@@ -91,6 +101,9 @@ def convert(
       silently compute something else. Map the class to convert it, or exclude it to silence this.
     - shared modules (one convolution under several names): one adder layer under all the names.
     - padding_mode other than "zeros", or a lazy convolution not run yet: ValueError.
+    - a block that can fold its convolutions and norms into one kernel (a method in FUSING_METHODS, as timm's
+      `reparameterize_model` calls) and now holds an adder layer: that method raises a RuntimeError instead of
+      building a block that would read adder templates as kernels.
 
     Where each convolution's output goes decides the rest (analyse=True, the default; see
     `triton_adder.models.consumers`). An adder layer's output ``bias - sum|x - w|`` is never positive with a zero
@@ -110,12 +123,14 @@ def convert(
     The analysis runs `model` once on example_input (a tensor or tuple of arguments; eval mode, no gradients;
     shapes are real) when given, else it traces `model` with torch.fx (no input; 1x1 inputs are inferred from
     global pooling). If fx cannot trace the model (control flow on shapes, as in timm's VGG head) and no
-    example_input is given, the model is run on a random image batch guessed from its first convolution (2 x
-    in_channels x H x W, H x W from timm's `pretrained_cfg["input_size"]` when it has one, else 224 x 224),
-    with one warning saying so; if that run fails too, every convolution is converted as with analyse=False,
-    with one warning saying why. analyse=False: convert every convolution
+    example_input is given, the model is run on a guessed input, with one warning saying so; if no guess runs
+    either, every convolution is converted as with analyse=False, with one warning saying why. The guessed input
+    is a random batch of 2 images with its first convolution's in_channels, H x W from timm's
+    `pretrained_cfg["input_size"]` when it has one, else the first of 224 x 224, 32 x 32 and 28 x 28 that the
+    model runs on. analyse=False: convert every convolution
     keep_first / keep_last / exclude / the class rules allow (the behaviour before this analysis).
-    report=True: return (model, [LayerDecision(name, decision, reason), ...]) in `named_modules()` order.
+    report=True: return (model, [LayerDecision(name, decision, reason, weight_std), ...]) in `named_modules()`
+    order.
 
     Returns the converted model (and the report when asked). Its adder parameters are new tensors: build the
     optimizer after converting. Raises ValueError for a convolution with padding_mode other than "zeros" (AdderNet
@@ -123,14 +138,14 @@ def convert(
     """
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
-    if (
+    if weight_std != "auto" and (
         isinstance(weight_std, bool)
         or not isinstance(weight_std, (int, float))
         or not math.isfinite(weight_std)
         or weight_std <= 0
     ):
-        raise ValueError(f"weight_std must be a positive finite number, got {weight_std!r}")
-    if copy_weights and weight_std != 1.0:
+        raise ValueError(f'weight_std must be "auto" or a positive finite number, got {weight_std!r}')
+    if copy_weights and weight_std not in ("auto", 1.0):
         raise ValueError("weight_std scales the new adder weights; copy_weights=True copies the convolution's instead")
     if isinstance(exclude, str):
         raise TypeError(f"exclude must be an iterable of module names, not a string ({exclude!r})")
@@ -154,6 +169,7 @@ def convert(
     if convs and keep_first:
         kept_by.setdefault(id(convs[0][1]), "keep_first")
     verdicts = _analyse(model, example_input) if analyse and convs else None
+    input_stds = _input_stds(model, example_input) if weight_std == "auto" and not copy_weights and convs else {}
     replacements: dict[int, nn.Module] = {}
     decisions: list[LayerDecision] = []
     unconvertible: dict[str, list[str]] = {}
@@ -162,7 +178,10 @@ def convert(
         if id(conv) in kept_by:
             decisions.append(LayerDecision(name, "kept", kept_by[id(conv)]))
             continue
-        factory = _factory(type(conv), mapping, copy_weights, grad_mode, weight_std)
+        std = None if copy_weights else 1.0 if weight_std == "auto" else float(weight_std)
+        if id(conv) in input_stds:
+            std = AUTO_WEIGHT_STD_RATIO * input_stds[id(conv)]
+        factory = _factory(type(conv), mapping, copy_weights, grad_mode, std or 1.0)
         if factory is None:
             cls = type(conv)
             unconvertible.setdefault(f"{cls.__module__}.{cls.__qualname__}", []).append(name)
@@ -178,7 +197,8 @@ def convert(
                 unnormalised.append(f"{name} ({reason.removeprefix('output reaches ').split(' without')[0]})")
             continue
         with_norm = verdict == "unnormalised"
-        decisions.append(LayerDecision(name, "converted_with_norm" if with_norm else "converted", reason))
+        std = std if type(conv) not in mapping else None  # a mapped factory draws its own weights
+        decisions.append(LayerDecision(name, "converted_with_norm" if with_norm else "converted", reason, std))
         if id(conv) not in replacements:
             adder = factory(name, conv)
             if with_norm:
@@ -189,6 +209,7 @@ def convert(
             return (replacements[id(conv)], decisions) if report else replacements[id(conv)]
         parent_name, _, child_name = name.rpartition(".")
         model.get_submodule(parent_name).add_module(child_name, replacements[id(conv)])
+    _refuse_fusion_(model)
     if unconvertible:
         listed = "; ".join(f"{cls}: {', '.join(names)}" for cls, names in unconvertible.items())
         warnings.warn(
@@ -211,6 +232,42 @@ def convert(
     return (model, decisions) if report else model
 
 
+FUSING_METHODS = ("fuse", "reparameterize", "switch_to_deploy", "convert_to_deploy")
+"""Methods by which timm's re-parameterisable blocks (MobileOne, FastViT, RepVGG, LeViT's ConvNorm, ...) fold their
+convolutions and norms into one convolution kernel; `timm.utils.reparameterize_model` calls them."""
+
+
+class RefusedFusion:
+    """Stands in for a block's fusing method once `convert` has put adder layers under the block: the method would
+    read the adder templates as convolution kernels and build a model that computes something else, silently."""
+
+    def __init__(self, block: str, method: str, adders: list[str]):
+        self.block, self.method, self.adders = block, method, adders
+
+    def __call__(self, *args, **kwargs):
+        listed = ", ".join(self.adders[:3]) + (f" and {len(self.adders) - 3} more" if len(self.adders) > 3 else "")
+        raise RuntimeError(
+            f"{self.block}.{self.method}() folds convolution kernels and norms into one convolution, but convert "
+            f"replaced convolutions under it by adder layers ({listed}); an adder template is not a kernel, so the "
+            "fused block would compute something else. Train and run the converted model unfused"
+        )
+
+
+def _refuse_fusion_(model: nn.Module) -> None:
+    """Shadow FUSING_METHODS on every module that holds an adder layer (the model included) by a RefusedFusion."""
+    adders_under: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Adder2d):
+            parts = name.split(".") if name else []
+            for depth in range(len(parts)):  # every ancestor, the model ("") included
+                adders_under.setdefault(".".join(parts[:depth]), []).append(name)
+    for ancestor, adders in adders_under.items():
+        module = model.get_submodule(ancestor)
+        for method in FUSING_METHODS:
+            if callable(getattr(type(module), method, None)):
+                object.__setattr__(module, method, RefusedFusion(type(module).__name__, method, adders))
+
+
 def _analyse(model: nn.Module, example_input) -> dict | None:
     """`consumers.decide` on the model's graph, or None (with one warning) when it can be neither traced nor run."""
     if example_input is not None:
@@ -219,15 +276,13 @@ def _analyse(model: nn.Module, example_input) -> dict | None:
         return consumers.decide(consumers.fx_graph(model))
     except Exception as error:  # noqa: BLE001 - fx raises many kinds (TraceError, TypeError, assertions, ...)
         untraceable = f"torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {error}"
-    guess = _guessed_input(model)
     try:
-        verdicts = consumers.decide(consumers.run_graph(model, guess))
-    except Exception as error:  # noqa: BLE001 - the guess may not be what the model takes
+        verdicts, guess = _run_on_a_guess(model, lambda guess: consumers.decide(consumers.run_graph(model, guess)))
+    except _NoGuessRuns as error:
         warnings.warn(
             f"convert skipped the consumer analysis (which convolutions feed a normalisation, an activation or a "
-            f"gate): {untraceable}, and running it on a random {tuple(guess.shape)} input failed "
-            f"({type(error).__name__}: {error}); every convolution is converted as with analyse=False; pass "
-            "example_input=... to analyse it by running it",
+            f"gate): {untraceable}, and running it on random inputs failed ({error}); every convolution is "
+            "converted as with analyse=False; pass example_input=... to analyse it by running it",
             UserWarning,
             stacklevel=3,
         )
@@ -241,12 +296,85 @@ def _analyse(model: nn.Module, example_input) -> dict | None:
     return verdicts
 
 
-def _guessed_input(model: nn.Module) -> torch.Tensor:
-    """A random batch of 2 images for a model that fx cannot trace: channels from its first convolution."""
+class _NoGuessRuns(Exception):
+    """The model ran on none of the guessed inputs; the message lists each input's shape and error."""
+
+
+def _guessed_inputs(model: nn.Module) -> list[torch.Tensor]:
+    """Random batches of 2 images (always the same) for a model to run without example_input: channels from its
+    first convolution, H x W from timm's `pretrained_cfg`, else each of GUESSED_IMAGE_SIZES."""
     first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (first.in_channels, *GUESSED_IMAGE_SIZE))
-    parameter = first.weight
-    return torch.randn(2, first.in_channels, *size[-2:], device=parameter.device, dtype=parameter.dtype)
+    configured = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    sizes = [tuple(configured[-2:])] if configured else list(GUESSED_IMAGE_SIZES)
+    return [
+        torch.randn(2, first.in_channels, *size, generator=torch.Generator().manual_seed(0)).to(
+            device=first.weight.device, dtype=first.weight.dtype
+        )
+        for size in sizes
+    ]
+
+
+def _run_on_a_guess(model: nn.Module, run):
+    """(run(guess), guess) for the first guessed input on which `run` succeeds, else _NoGuessRuns."""
+    errors = []
+    for guess in _guessed_inputs(model):
+        try:
+            return run(guess), guess
+        except Exception as error:  # noqa: BLE001 - whatever the model raises on an input it does not take
+            errors.append(f"{tuple(guess.shape)}: {type(error).__name__}: {error}")
+    raise _NoGuessRuns("; ".join(errors))
+
+
+def _input_stds(model: nn.Module, example_input) -> dict[int, float]:
+    """{id(conv): standard deviation of its input} from one training-mode pass of `model` (batch statistics, as
+    training sees them) on example_input or the first guessed input it runs on, under no_grad; the model's buffers
+    (running statistics), modes and the random state are restored. Convolutions the pass does not reach, or whose
+    input has no spread, are left out; if no pass succeeds, all are, with one warning."""
+    stds: dict[int, float] = {}
+
+    def record(conv, args):
+        if id(conv) not in stds:  # a shared convolution: its first call
+            std = args[0].detach().double().std().item()
+            if math.isfinite(std) and std > 0:
+                stds[id(conv)] = std
+
+    def run(inputs):
+        stds.clear()
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        devices = [t.device.index or 0 for t in args if isinstance(t, torch.Tensor) and t.device.type == "cuda"]
+        with torch.no_grad(), torch.random.fork_rng(devices=sorted(set(devices))):  # dropout, stochastic depth
+            model.train()(*args)
+
+    convs = {id(m): m for m in model.modules() if isinstance(m, nn.Conv2d)}.values()
+    handles = [conv.register_forward_pre_hook(record) for conv in convs]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        if example_input is not None:
+            try:
+                run(example_input)
+            except Exception as error:  # noqa: BLE001 - whatever the model raises on this input
+                raise _NoGuessRuns(f"example_input: {type(error).__name__}: {error}") from error
+        else:
+            _run_on_a_guess(model, run)
+    except _NoGuessRuns as error:
+        warnings.warn(
+            f'convert(weight_std="auto") could not run {type(model).__name__} in training mode to measure its '
+            f"convolutions' input spread ({error}); every adder layer gets the published N(0, 1) weights; pass "
+            "example_input=... (a training batch of your inputs) or a number as weight_std",
+            UserWarning,
+            stacklevel=3,
+        )
+        stds.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        for m, mode in modes.items():
+            m.training = mode
+    return stds
 
 
 def _factory(cls: type, mapping: dict, copy_weights: bool, grad_mode: str, weight_std: float = 1.0):

@@ -7,7 +7,7 @@ gets a non-zero one, and whether the model can fit the batch at all. A live mode
 chaotic: `perturbation_gain` (reported for both models) says how much a small change of the input grows through
 it; deep converted networks at the published N(0, 1) adder initialisation can amplify one thousands of times where
 their CNN amplifies it about ten times, which makes the loss surface too rough for a short SGD fit (see
-`convert`'s weight_std).
+`convert`'s weight_std, whose default "auto" widens the templates to each layer's input).
 
 Both models run in "fit mode": normalisations in training mode (batch statistics, which is what recentres an adder
 layer's output) and everything else in eval mode, so dropout and stochastic depth (torchvision's StochasticDepth,
@@ -102,11 +102,12 @@ def check(
     batch: (inputs, class labels); the models map inputs to logits (cross-entropy loss). Both models are copied
     (in fit mode), so the caller's are untouched. An adder layer named "a.b" (or "a.b.0", as `insert_norm` wraps
     it) is compared with the convolution "a.b" of model_cnn. The fit is SGD (lr, momentum) on every parameter with
-    `triton_adder.adaptive_lr_(model, eta)` after each backward, the paper's recipe. With the defaults, every
-    converted model in `results/zoo/` (`benchmarks/zoo_trainability.py`) learns but torchvision's
-    MobileNetV3-Large, which has no dead layer but is chaotic (`gain` 4.2e3 against its CNN's 11.5) and fits
-    slowly; converted with `convert(..., weight_std=3)` it learns (see `results/zoo/README.md`). `gain` and
-    `cnn_gain` are `perturbation_gain` of the two models on the batch before the fit.
+    `triton_adder.adaptive_lr_(model, eta)` after each backward, the paper's recipe. With these defaults and
+    `convert`'s, every converted model fitted in `results/zoo/*_auto.csv` (`benchmarks/zoo_trainability.py`)
+    learns; at the published N(0, 1) adder initialisation (`convert(..., weight_std=1.0)`) torchvision's
+    MobileNetV3-Large and timm's GhostNets do not: no dead layer, but chaotic (`gain` 4.2e3 against the CNN's
+    11.5 for MobileNetV3-Large) and slow to fit. `gain` and `cnn_gain` are `perturbation_gain` of the two models
+    on the batch before the fit.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
