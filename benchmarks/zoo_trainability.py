@@ -15,10 +15,10 @@ batch of --batch random 3 x --size x --size images with labels 0, 1, 2, ...:
   its lowest and its last over --steps steps, and the CNN's own start and lowest with the same optimiser;
   `learns` is `Trainability.learns()`.
 
---weight-std S converts with `convert(..., weight_std=S)`: "auto" (convert's default: each layer's weights 5 times
-as wide as its input, measured by one training-mode pass of the CNN on convert's guessed input) or a number (adder
-weights N(0, S^2); 1 is the published N(0, 1)); a number's rows' mode reads "default,weight_std=S" (write them to
-their own --out). Each printed line also
+--weight-std S converts with `convert(..., weight_std=S)`: "auto" (convert's default: N(0, 1) for a layer whose input
+is never negative, else weights 5 times as wide as its input, measured by one training-mode pass of the CNN on
+convert's guessed input) or a number (adder weights N(0, S^2); 1 is the published N(0, 1)); a number's rows' mode
+reads "default,weight_std=S" (write them to their own --out). Each printed line also
 gives `perturbation_gain` of the adder model and of the CNN (`Trainability.gain`, `cnn_gain`; not in the CSV).
 
 Models above --max-grad-params get the decisions only (a backward pass of the largest RegNets and ViTs on

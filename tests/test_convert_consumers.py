@@ -15,6 +15,7 @@ from torch import nn
 from triton_adder import Adder2d, convert
 from triton_adder.backends import use_backend
 from triton_adder.backends.cpu import common
+from triton_adder.models.convert import auto_weight_std
 from triton_adder.models.trainability import check, fit_mode, perturbation_gain
 
 CLASSES = 4
@@ -368,7 +369,7 @@ def test_perturbation_gain_is_one_for_a_linear_map_and_the_relative_change_other
 def test_deep_converted_bottleneck_is_chaotic_at_the_published_init_and_learns_with_wider_templates(wider):
     """The class of MobileNetV3-Large's slow fit (results/zoo/README.md): 32 adder layers in series on a wide
     residual stream amplify a small input change hundreds of times more than the CNN does at N(0, 1), and the
-    short fit stalls; N(0, 3^2) templates, or convert's default (5 times each layer's input spread), keep it near
+    short fit stalls; N(0, 3^2) templates, or convert's default (5 times a signed input's spread), keep it near
     the CNN's gain and the batch is fitted."""
     torch.manual_seed(0)
     cnn = deep_bottleneck_net()
@@ -415,24 +416,26 @@ def test_weight_std_sets_the_spread_of_new_weights_and_is_refused_with_copy_weig
         assert torch.equal(copied[0].weight, model[0].weight) and decisions[0].weight_std is None
 
 
-def _input_stds_float64(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Each convolution's input standard deviation in a training-mode float64 pass (the independent reference)."""
+def _input_statistics_float64(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """Each convolution's input (standard deviation, smallest value) in a training-mode float64 pass (the
+    independent reference)."""
     model = copy.deepcopy(model).double().train()
-    stds = {}
+    statistics = {}
 
-    def record(name, args):
-        stds.setdefault(name, args[0].std().item())  # returns None: a pre-hook's return would replace the input
+    def record(name, args):  # returns None: a pre-hook's return would replace the input
+        statistics.setdefault(name, (args[0].std().item(), args[0].min().item()))
 
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             m.register_forward_pre_hook(lambda mod, args, name=name: record(name, args))
     with torch.no_grad():
         model(x.double())
-    return stds
+    return statistics
 
 
 class FixedHead(nn.Module):
-    """A CIFAR-style net whose linear head takes 32 x 32 inputs only, with dropout (a random draw in training)."""
+    """A CIFAR-style net whose linear head takes 32 x 32 inputs only, with dropout (a random draw in training).
+    body.0 reads the (signed) image, body.4 a ReLU's output (never negative), body.6 a BatchNorm's (signed)."""
 
     def __init__(self):
         super().__init__()
@@ -447,11 +450,16 @@ class FixedHead(nn.Module):
         return self.head(self.body(x).flatten(1))
 
 
-def test_auto_weight_std_is_five_times_each_layers_input_spread_on_the_first_guess_that_runs():
+def test_auto_weight_std_rule():
+    assert auto_weight_std(0.7, 0.0) == 1.0 and auto_weight_std(3.0, 2.0) == 1.0  # never negative: published
+    assert auto_weight_std(0.7, -1e-3) == pytest.approx(5 * 0.7) and auto_weight_std(2.0, -5.0) == pytest.approx(10)
+
+
+def test_auto_weight_std_follows_each_layers_input_on_the_first_guess_that_runs():
     torch.manual_seed(0)
     cnn = FixedHead().eval()
     guess = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # 224 x 224 does not run
-    expected = _input_stds_float64(cnn, guess)  # Dropout draws differ: only its successor's input moves
+    expected = _input_statistics_float64(cnn, guess)  # Dropout draws differ: only what follows it moves
     before = copy.deepcopy(cnn.state_dict())
     torch.manual_seed(1)
     with warnings.catch_warnings():
@@ -464,10 +472,10 @@ def test_auto_weight_std_is_five_times_each_layers_input_spread_on_the_first_gue
     for name, value in before.items():  # running statistics untouched, the CNN's and the copy's
         assert torch.equal(cnn.state_dict()[name], value), name
     stds = {d.name: d.weight_std for d in decisions}
-    assert stds["body.0"] == pytest.approx(5 * expected["body.0"], rel=1e-6)
-    # after the dropout, whose draw differs: its mask moves the spread of 32768 values by about 1%
-    assert stds["body.4"] == pytest.approx(5 * expected["body.4"], rel=0.05)
-    assert stds["body.6"] == pytest.approx(5 * expected["body.6"], rel=0.05)
+    assert expected["body.0"][1] < 0 and stds["body.0"] == pytest.approx(5 * expected["body.0"][0], rel=1e-6)
+    assert expected["body.4"][1] == 0 and stds["body.4"] == 1.0  # after ReLU and dropout: the published N(0, 1)
+    # after the dropout, whose draw differs: its mask moves the spread of 8192 values by a few percent
+    assert expected["body.6"][1] < 0 and stds["body.6"] == pytest.approx(5 * expected["body.6"][0], rel=0.05)
     for name, std in stds.items():
         weight = converted.get_submodule(name).weight
         assert weight.std().item() == pytest.approx(std, rel=0.15), name  # >= 432 draws: sample std within 15%
@@ -479,7 +487,7 @@ def test_auto_weight_std_uses_example_input_and_warns_when_nothing_runs():
     cnn = FixedHead()
     x = 3.0 * torch.randn(4, 3, 32, 32)
     _, decisions = convert(cnn, keep_first=False, keep_last=False, report=True, example_input=x)
-    assert decisions[0].weight_std == pytest.approx(5 * _input_stds_float64(cnn, x)["body.0"], rel=1e-6)
+    assert decisions[0].weight_std == pytest.approx(5 * _input_statistics_float64(cnn, x)["body.0"][0], rel=1e-6)
     with pytest.warns(UserWarning, match=r'weight_std="auto"\) could not run FixedHead.*example_input: RuntimeError'):
         _, decisions = convert(cnn, report=True, example_input=torch.randn(4, 3, 16, 16), analyse=False)
     assert [d.weight_std for d in decisions if d.decision != "kept"] == [1.0]

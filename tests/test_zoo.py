@@ -39,7 +39,7 @@ SIZE, BATCH = 64, 4
 # whose default conversion keeps every unnormalised layer (SqueezeNet, AlexNet, VGG) are fitted with insert_norm=True
 # too. MobileNetV3-Large and the GhostNets at the published N(0, 1) adder initialisation (weight_std=1) are chaotic
 # (a small input change grows thousands of times through them, about ten times through their CNNs) and do not fit
-# in 40 steps; at convert's default, templates 5 times as wide as each layer's input, they do (results/zoo/README.md).
+# in 40 steps; at convert's default (templates 5 times as wide as a signed input) they do (results/zoo/README.md).
 CASES = [
     ("torchvision", "squeezenet1_1", False, 0),
     ("torchvision", "squeezenet1_1", True, 40),

@@ -17,7 +17,8 @@ from triton_adder.nn import Adder2d, Adder2dSame, Adder2dWithNorm
 
 TIMM_CONV2D_SAME = ("timm.layers.conv2d_same", "Conv2dSame")
 AUTO_WEIGHT_STD_RATIO = 5.0
-"""weight_std="auto": each adder layer's weights are N(0, (5 sigma)^2), sigma the standard deviation of its input."""
+"""weight_std="auto": an adder layer whose input takes negative values gets weights N(0, (5 sigma)^2), sigma the
+standard deviation of its input (`auto_weight_std`)."""
 GUESSED_IMAGE_SIZES = ((224, 224), (32, 32), (28, 28))
 """H x W of the inputs `convert` tries, in order, on a model that names no input size: ImageNet's, CIFAR's, MNIST's."""
 """timm's TF-style "same" convolution, matched by module and class name so timm is never imported here."""
@@ -68,24 +69,26 @@ def convert(
     inplace: modify `model` itself; by default a deep copy is converted and returned.
     mapping: {Conv2d subclass: factory}; factory(conv) returns the adder module that replaces a
     convolution of exactly that class (it handles copy_weights, grad_mode and weight_std itself).
-    weight_std: the spread of the new adder weights. "auto" (the default): each adder layer's weights are
-    N(0, (AUTO_WEIGHT_STD_RATIO * sigma)^2), sigma the standard deviation of that convolution's input when the CNN
-    runs once in training mode (batch statistics; running statistics, modes and the random state are restored) on
-    example_input, or else on the guessed input described below; a layer that pass does not reach, or whose input has
-    sigma 0, keeps N(0, 1), and if the pass fails every layer does, with one warning. A number S: N(0, S^2) for
-    every layer (1.0 is the published initialisation). Not allowed (other than 1.0) with copy_weights.
+    weight_std: the spread of the new adder weights. "auto" (the default): per layer, `auto_weight_std` of that
+    convolution's input when the CNN runs once in training mode (batch statistics; running statistics, modes and
+    the random state are restored) on example_input, or else on the guessed input described below: the published
+    N(0, 1) for an input that is never negative (after a ReLU, as in the paper's networks), N(0, (5 sigma)^2) for
+    one that takes negative values, sigma its standard deviation. A layer that pass does not reach keeps N(0, 1),
+    and if the pass fails every layer does, with one warning. A number S: N(0, S^2) for every layer (1.0 is the
+    published initialisation). Not allowed (other than 1.0) with copy_weights. `report=True` gives each layer's.
 
     Why "auto": an adder layer is -sum|x - w|. Where a template w lies inside the spread of its input x the output
     is folded (V-shaped in x), and the BatchNorm after it rescales the fold, so a small change of the input grows
     by up to 1/sqrt(1 - 2/pi) (about 1.66) per layer; dozens in series make the network chaotic and SGD barely
-    fits. The published N(0, 1) suits the paper's ResNets, whose adder layers read post-ReLU BatchNorm output
-    (sigma about 0.58, so w spans about 1.7 sigma), but not inputs of sigma 1.4 to 3 (the linear-bottleneck
-    residual streams of MobileNets, GhostNet's linear ghost modules): torchvision's MobileNetV3-Large at N(0, 1)
-    amplifies a small input change 4.2e3 times against 11.5 for its CNN (`trainability.perturbation_gain`) and
-    does not fit a batch; templates 5 sigma wide start each layer nearly linear in its input (|x - w| = |w| -
-    sign(w) x where |w| > |x|) and the converted zoo models fit (`results/zoo/README.md`). With
-    grad_mode="exact" a template outside its inputs' range gets no gradient (the sign derivative is constant
-    there and BatchNorm's backward sums to zero); the paper's gradient (x - w) still moves it.
+    fits. N(0, 1) templates against a post-ReLU input (values >= 0, sigma about 0.58 after BatchNorm) leave every
+    negative template outside it: the paper's setting, and converted ResNets, ShuffleNets and MobileOnes fit at it.
+    Against a signed input of sigma 1.4 to 3 (the linear-bottleneck residual streams of MobileNets, GhostNet's
+    linear ghost modules) most N(0, 1) templates fold: torchvision's MobileNetV3-Large at N(0, 1) amplifies a small
+    input change 4.2e3 times against 11.5 for its CNN (`trainability.perturbation_gain`) and does not fit a batch.
+    Templates 5 sigma wide start such a layer nearly linear in its input (|x - w| = |w| - sign(w) x where
+    |w| > |x|), and the converted zoo models fit (`results/zoo/README.md`). With grad_mode="exact" a template
+    outside its inputs' range gets no gradient (the sign derivative is constant there and BatchNorm's backward sums
+    to zero); the paper's gradient (x - w) still moves it.
 
     What happens to each kind of convolution:
 
@@ -169,7 +172,7 @@ def convert(
     if convs and keep_first:
         kept_by.setdefault(id(convs[0][1]), "keep_first")
     verdicts = _analyse(model, example_input) if analyse and convs else None
-    input_stds = _input_stds(model, example_input) if weight_std == "auto" and not copy_weights and convs else {}
+    inputs = _input_statistics(model, example_input) if weight_std == "auto" and not copy_weights and convs else {}
     replacements: dict[int, nn.Module] = {}
     decisions: list[LayerDecision] = []
     unconvertible: dict[str, list[str]] = {}
@@ -179,8 +182,8 @@ def convert(
             decisions.append(LayerDecision(name, "kept", kept_by[id(conv)]))
             continue
         std = None if copy_weights else 1.0 if weight_std == "auto" else float(weight_std)
-        if id(conv) in input_stds:
-            std = AUTO_WEIGHT_STD_RATIO * input_stds[id(conv)]
+        if id(conv) in inputs:
+            std = auto_weight_std(*inputs[id(conv)])
         factory = _factory(type(conv), mapping, copy_weights, grad_mode, std or 1.0)
         if factory is None:
             cls = type(conv)
@@ -325,21 +328,28 @@ def _run_on_a_guess(model: nn.Module, run):
     raise _NoGuessRuns("; ".join(errors))
 
 
-def _input_stds(model: nn.Module, example_input) -> dict[int, float]:
-    """{id(conv): standard deviation of its input} from one training-mode pass of `model` (batch statistics, as
-    training sees them) on example_input or the first guessed input it runs on, under no_grad; the model's buffers
-    (running statistics), modes and the random state are restored. Convolutions the pass does not reach, or whose
-    input has no spread, are left out; if no pass succeeds, all are, with one warning."""
-    stds: dict[int, float] = {}
+def auto_weight_std(std: float, minimum: float) -> float:
+    """weight_std="auto" for an input of standard deviation `std` and smallest value `minimum`: 1.0 (the published
+    N(0, 1)) for an input that is never negative, else AUTO_WEIGHT_STD_RATIO * std (see `convert`)."""
+    return 1.0 if minimum >= 0 else AUTO_WEIGHT_STD_RATIO * std
+
+
+def _input_statistics(model: nn.Module, example_input) -> dict[int, tuple[float, float]]:
+    """{id(conv): (standard deviation, smallest value) of its input} from one training-mode pass of `model` (batch
+    statistics, as training sees them) on example_input or the first guessed input it runs on, under no_grad; the
+    model's buffers (running statistics), modes and the random state are restored. Convolutions the pass does not
+    reach, or whose input is constant or not finite, are left out; if no pass succeeds, all are, with one warning."""
+    statistics: dict[int, tuple[float, float]] = {}
 
     def record(conv, args):
-        if id(conv) not in stds:  # a shared convolution: its first call
-            std = args[0].detach().double().std().item()
-            if math.isfinite(std) and std > 0:
-                stds[id(conv)] = std
+        if id(conv) not in statistics:  # a shared convolution: its first call
+            x = args[0].detach().double()
+            std, minimum = x.std().item(), x.min().item()
+            if math.isfinite(std) and math.isfinite(minimum) and std > 0:
+                statistics[id(conv)] = std, minimum
 
     def run(inputs):
-        stds.clear()
+        statistics.clear()
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         devices = [t.device.index or 0 for t in args if isinstance(t, torch.Tensor) and t.device.type == "cuda"]
         with torch.no_grad(), torch.random.fork_rng(devices=sorted(set(devices))):  # dropout, stochastic depth
@@ -360,12 +370,12 @@ def _input_stds(model: nn.Module, example_input) -> dict[int, float]:
     except _NoGuessRuns as error:
         warnings.warn(
             f'convert(weight_std="auto") could not run {type(model).__name__} in training mode to measure its '
-            f"convolutions' input spread ({error}); every adder layer gets the published N(0, 1) weights; pass "
+            f"convolutions' inputs ({error}); every adder layer gets the published N(0, 1) weights; pass "
             "example_input=... (a training batch of your inputs) or a number as weight_std",
             UserWarning,
             stacklevel=3,
         )
-        stds.clear()
+        statistics.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -374,7 +384,7 @@ def _input_stds(model: nn.Module, example_input) -> dict[int, float]:
                 buffer.copy_(saved)
         for m, mode in modes.items():
             m.training = mode
-    return stds
+    return statistics
 
 
 def _factory(cls: type, mapping: dict, copy_weights: bool, grad_mode: str, weight_std: float = 1.0):

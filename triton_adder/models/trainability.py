@@ -7,7 +7,7 @@ gets a non-zero one, and whether the model can fit the batch at all. A live mode
 chaotic: `perturbation_gain` (reported for both models) says how much a small change of the input grows through
 it; deep converted networks at the published N(0, 1) adder initialisation can amplify one thousands of times where
 their CNN amplifies it about ten times, which makes the loss surface too rough for a short SGD fit (see
-`convert`'s weight_std, whose default "auto" widens the templates to each layer's input).
+`convert`'s weight_std, whose default "auto" widens the templates of layers that read signed inputs).
 
 Both models run in "fit mode": normalisations in training mode (batch statistics, which is what recentres an adder
 layer's output) and everything else in eval mode, so dropout and stochastic depth (torchvision's StochasticDepth,
