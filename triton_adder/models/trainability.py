@@ -103,8 +103,8 @@ def check(
     (in fit mode), so the caller's are untouched. An adder layer named "a.b" (or "a.b.0", as `insert_norm` wraps
     it) is compared with the convolution "a.b" of model_cnn. The fit is SGD (lr, momentum) on every parameter with
     `triton_adder.adaptive_lr_(model, eta)` after each backward, the paper's recipe. With these defaults and
-    `convert`'s, every converted model fitted in `results/zoo/*_auto.csv` (`benchmarks/zoo_trainability.py`)
-    learns; at the published N(0, 1) adder initialisation (`convert(..., weight_std=1.0)`) torchvision's
+    `convert`'s, every fitted model in `results/zoo/*_auto.csv` (`benchmarks/zoo_trainability.py`) that has
+    adder layers learns; at the published N(0, 1) adder initialisation (`convert(..., weight_std=1.0)`) torchvision's
     MobileNetV3-Large and timm's GhostNets do not: no dead layer, but chaotic (`gain` 4.2e3 against the CNN's
     11.5 for MobileNetV3-Large) and slow to fit. `gain` and `cnn_gain` are `perturbation_gain` of the two models
     on the batch before the fit.
