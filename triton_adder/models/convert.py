@@ -16,12 +16,12 @@ from triton_adder.models import consumers
 from triton_adder.nn import Adder2d, Adder2dSame, Adder2dWithNorm
 
 TIMM_CONV2D_SAME = ("timm.layers.conv2d_same", "Conv2dSame")
+"""timm's TF-style "same" convolution, matched by module and class name so timm is never imported here."""
 AUTO_WEIGHT_STD_RATIO = 5.0
 """weight_std="auto": an adder layer whose input takes negative values gets weights N(0, (5 sigma)^2), sigma the
 standard deviation of its input (`auto_weight_std`)."""
 GUESSED_IMAGE_SIZES = ((224, 224), (32, 32), (28, 28))
 """H x W of the inputs `convert` tries, in order, on a model that names no input size: ImageNet's, CIFAR's, MNIST's."""
-"""timm's TF-style "same" convolution, matched by module and class name so timm is never imported here."""
 
 
 @dataclasses.dataclass(frozen=True)
