@@ -211,7 +211,7 @@ for name in ("xdist", "pytest_timeout", "pandas", "matplotlib"):
 failed = []
 for module in ("triton_adder", "triton_adder.backends.triton", "triton_adder.autotune.tuner",
                "triton_adder.autotune.lookup", "triton_adder.tune", "triton_adder.bench", "triton_adder.report",
-               "triton_adder.measure.sass", "triton_adder.tuning", "triton_adder.reports"):
+               "triton_adder.measure.sass", "tuning", "reports"):
     try:
         module = importlib.import_module(module)
         print("import", module.__name__, "from", os.path.dirname(module.__file__))

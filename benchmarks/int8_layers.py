@@ -17,7 +17,7 @@ contestant takes a float32 NCHW input and returns float32:
                which compiles, is not timed).
 
 Contestants (`triton_adder.measure.int8.layer_contenders`, the same `python -m triton_adder.bench`
-times on the CPU) run interleaved (`triton_adder.tuning.interleaved`): each repetition
+times on the CPU) run interleaved (`tuning.interleaved`): each repetition
 times one call of each, in an order shuffled per repetition, so load from other processes hits
 them alike; the table shows medians. Ratios are int8 adder time / other time; "geomean" is over the
 unique shapes, "model" is the sum over the model's layers (each shape's median x its layer count).
@@ -41,7 +41,7 @@ from triton_adder.measure.int8 import layer_contenders, quantized_engine  # noqa
 from triton_adder.measure.machine import cpu_name  # noqa: E402
 from triton_adder.models.census import MODEL_INPUT_SIZE, census, unique_adder_layers  # noqa: E402
 from triton_adder.quant import native  # noqa: E402
-from triton_adder.tuning import interleaved  # noqa: E402
+from tuning import interleaved  # noqa: E402
 
 CONTESTANTS = ("int8 adder", "int8 default", "conv2d fp32", "qconv int8", "qconv kernel", "adder fp32")
 RATIOS = {"int8 default": "default", "conv2d fp32": "conv", "qconv int8": "qconv", "adder fp32": "fadder"}

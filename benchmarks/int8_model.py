@@ -21,7 +21,7 @@ Contestants, each a whole `models.build("resnet50", ...)` network, float32 NCHW 
                calibrated on the same 2 batches (`triton_adder.measure.int8.quantized_cnn`);
 - adder fp32:  the AdderNet before quantization, on the float32 CPU path (compiled by default).
 
-Contestants run interleaved (`triton_adder.tuning.interleaved`): each repetition times one
+Contestants run interleaved (`tuning.interleaved`): each repetition times one
 forward of each, in an order shuffled per repetition, so load from other processes hits them alike;
 tables show medians and ratios of medians from the same run. The thread count applies to torch
 (`torch.set_num_threads`), to the int8 kernel (which passes `torch.get_num_threads()` to OpenMP per
@@ -62,7 +62,7 @@ from triton_adder.measure.machine import cpu_name  # noqa: E402
 from triton_adder.models.census import MODEL_INPUT_SIZE  # noqa: E402
 from triton_adder.nn import Adder2d  # noqa: E402
 from triton_adder.quant import QuantizedAdder2d, native  # noqa: E402
-from triton_adder.tuning import interleaved  # noqa: E402
+from tuning import interleaved  # noqa: E402
 
 CONTESTANTS = ("int8 adder", "int8 default", "int8 unfolded", "cnn fp32", "qcnn int8", "adder fp32")
 

@@ -592,10 +592,10 @@ def run(args, device, command_line: str):
     """Measure on `device`, writing the CSV/JSON after every layer; return (frame, metadata, goals, paths)."""
     import pandas as pd  # noqa: PLC0415
 
-    from triton_adder import reports  # noqa: PLC0415
+    import reports  # noqa: PLC0415
     from triton_adder.backends import triton as backend  # noqa: PLC0415
     from triton_adder.measure.machine import machine_metadata  # noqa: PLC0415
-    from triton_adder.tuning.benchmark import benchmarker_for  # noqa: PLC0415
+    from tuning.benchmark import benchmarker_for  # noqa: PLC0415
 
     layers = adder_layers(args.model, args.batch, args.kernel_size)[: args.max_layers]
     if not layers:

@@ -40,7 +40,7 @@ from triton_adder.autotune.tunables import INSTRUCTION_BUDGET_FACTOR, make_tunab
 from triton_adder.cli_args import positive_finite_float, positive_int
 from triton_adder.measure import sass
 from triton_adder.models.census import DEFAULT_GPU_BATCH, MODEL_INPUT_SIZE
-from triton_adder.tuning import prune, verdict_entries, write_verdicts
+from tuning import prune, verdict_entries, write_verdicts
 
 DEFAULT_LAYERS = ("layer1.0.conv2",)
 

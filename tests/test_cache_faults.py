@@ -25,7 +25,7 @@ from triton_adder.autotune import tuner
 from triton_adder.functional import resolve_geometry
 from triton_adder.geometry import LayerShape
 from triton_adder.kernels import forward
-from triton_adder.tuning import CacheLocationError, DeviceIdentity, TuningCache
+from tuning import CacheLocationError, DeviceIdentity, TuningCache
 
 RAW = "__raw__"  # a string placeholder, replaced by raw JSON text json.dumps cannot write (1e400, 10**400)
 

@@ -3,8 +3,9 @@
 `tests/gpu_image.py` builds a venv holding exactly gpu_run.sh's IMAGE_PACKAGES (and what they
 require), without the project; every module of the library, the generic tuner and the report
 renderer must import there with PYTHONPATH at this checkout, and every benchmark script the GPU
-run calls must start. (At 4be0d16 this failed: platformdirs missing, `triton_adder.tuning` and
-`triton_adder.reports` existing only after `pip install`.)
+run calls must start. (At 4be0d16 this failed: platformdirs missing, and `triton_adder.tuning` and
+`triton_adder.reports`, then mapped onto `tuning/` and `reports/` by pyproject's package-dir, existing
+only after `pip install`; they are now the top-level packages `tuning` and `reports`.)
 """
 
 import json
@@ -44,9 +45,9 @@ def test_the_image_venv_lacks_the_project_and_what_the_image_lacks(image_python,
 def test_every_module_imports_from_the_checkout(image_python, tmp_path):
     script = textwrap.dedent("""
         import importlib, pkgutil, sys
-        import triton_adder, triton_adder.tuning, triton_adder.reports
+        import triton_adder, tuning, reports
         names = []
-        for package in (triton_adder, triton_adder.tuning, triton_adder.reports):
+        for package in (triton_adder, tuning, reports):
             names += [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
         failed = []
         for name in names:
@@ -54,7 +55,7 @@ def test_every_module_imports_from_the_checkout(image_python, tmp_path):
                 importlib.import_module(name)
             except Exception as error:
                 failed.append(f"{name}: {error!r}")
-        assert triton_adder.tuning.__file__.startswith(sys.argv[1]), triton_adder.tuning.__file__
+        assert tuning.__file__.startswith(sys.argv[1]), tuning.__file__
         print(len(names), "modules")
         sys.exit("\\n".join(failed) or None)
     """)

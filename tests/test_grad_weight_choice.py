@@ -19,7 +19,7 @@ from triton_adder.geometry import LayerShape
 from triton_adder.kernels import grad_weight as grad_weight_kernel
 from triton_adder.kernels.launch_config import KernelConfig
 from triton_adder.measure import sass
-from triton_adder.tuning import Measurement, TuningCache
+from tuning import Measurement, TuningCache
 
 
 def lenet_conv2_problem(batch: int = 1) -> problems.LayerProblem:

@@ -20,7 +20,7 @@ from triton_adder import quantize, tune
 from triton_adder.autotune import int8, lookup
 from triton_adder.geometry import Conv2dGeometry, LayerShape
 from triton_adder.quant import QuantizedAdder2d, native, tuned
-from triton_adder.tuning import SearchSpace, Tunable, interleaved
+from tuning import SearchSpace, Tunable, interleaved
 
 
 @pytest.fixture(autouse=True)

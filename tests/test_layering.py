@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# folder -> installed package name (pyproject's package-dir)
-ROOTS = {"triton_adder": "triton_adder", "tuning": "triton_adder.tuning", "reports": "triton_adder.reports"}
+# folder -> package name (pyproject installs each folder under its own name)
+ROOTS = {"triton_adder": "triton_adder", "tuning": "tuning", "reports": "reports"}
 KERNEL_MAY_IMPORT = ("triton_adder.kernels", "triton_adder.contract", "triton_adder.geometry")
 
 
@@ -97,7 +97,7 @@ def kernel_violations(graph: dict[str, set[str]]) -> list[str]:
 
 def generic_violations(graph: dict[str, set[str]], absolute: dict[str, set[str]]) -> list[str]:
     """tuning/ and reports/ import nothing of triton_adder, and each other only relatively."""
-    generic = ("triton_adder.tuning", "triton_adder.reports")
+    generic = ("tuning", "reports")
     wrong = [
         f"{m} imports {t}"
         for m, ts in sorted(graph.items())
@@ -142,10 +142,10 @@ def test_the_checkers_can_fail():
         "triton_adder.kernels.forward imports triton_adder.autotune.lookup"
     ]
     assert kernel_violations({"triton_adder.kernels.forward": {"triton_adder.contract"}}) == []
-    assert generic_violations({"triton_adder.tuning.cache": {"triton_adder.contract"}}, {}) == [
-        "triton_adder.tuning.cache imports triton_adder.contract"
+    assert generic_violations({"tuning.cache": {"triton_adder.contract"}}, {}) == [
+        "tuning.cache imports triton_adder.contract"
     ]
-    assert generic_violations({}, {"triton_adder.reports.page": {"triton_adder.reports.tables"}}) != []
+    assert generic_violations({}, {"reports.page": {"reports.tables"}}) != []
 
 
 def test_the_graph_reads_lazy_and_relative_imports(tmp_path):
@@ -156,7 +156,7 @@ def test_the_graph_reads_lazy_and_relative_imports(tmp_path):
     known = {"pkg": package / "__init__.py", **{f"pkg.{m}": package / f"{m}.py" for m in "abc"}}
     assert imports_of("pkg.a", package / "a.py", known) == {"pkg", "pkg.b", "pkg.c"}
     graph = import_graph()
-    assert "triton_adder.tuning.space" in graph["triton_adder.tuning.cache"]  # relative, top of file
+    assert "tuning.space" in graph["tuning.cache"]  # relative, top of file
     assert any(t.startswith("triton_adder.backends") for t in graph["triton_adder.ops"])
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from triton_adder.tuning import (
+from tuning import (
     Measurement,
     ScreenFailed,
     ScreenIdentity,

@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import reports
 from tests import browser
-from triton_adder import report, reports
+from triton_adder import report
 from triton_adder.functional import resolve_geometry
 from triton_adder.geometry import LayerShape
 from triton_adder.measure import baselines

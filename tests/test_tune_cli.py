@@ -15,15 +15,16 @@ import os
 import pytest
 import torch
 
+import reports
 from tests.tolerance import assert_matches_reference
-from triton_adder import Adder2d, bench, models, reference, report, reports, tune
+from triton_adder import Adder2d, bench, models, reference, report, tune
 from triton_adder.autotune import lookup as configs
 from triton_adder.autotune import problems, spaces, tunables, tuner
 from triton_adder.functional import resolve_geometry
 from triton_adder.geometry import LayerShape
 from triton_adder.kernels import forward
 from triton_adder.kernels.launch_config import KernelConfig
-from triton_adder.tuning import WallClockBenchmarker, search
+from tuning import WallClockBenchmarker, search
 
 LENET_PROBLEMS = [  # (layer, x shape at batch 1, weight shape)
     ("conv2", (1, 6, 14, 14), (16, 6, 5, 5)),
@@ -344,7 +345,7 @@ def test_problems_go_by_their_share_of_the_model_work():
 
 
 def test_tuner_takes_the_problems_by_work_largest_first(cache_dir, monkeypatch):
-    from triton_adder.tuning import Evaluation, TuningResult
+    from tuning import Evaluation, TuningResult
 
     seen = []
 

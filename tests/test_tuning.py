@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from triton_adder import tuning
-from triton_adder.tuning import (
+import tuning
+from tuning import (
     Constraint,
     DeviceIdentity,
     Measurement,
@@ -268,7 +268,7 @@ def test_shipped_configs_sit_beneath_the_user_cache(tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys
-    from triton_adder.tuning import DeviceIdentity, TuningCache
+    from tuning import DeviceIdentity, TuningCache
     cache_dir, writer = sys.argv[1], int(sys.argv[2])
     identity = DeviceIdentity("NVIDIA H100 80GB HBM3", "sm90", "3.6.0")
     for i in range(40):

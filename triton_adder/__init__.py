@@ -13,19 +13,13 @@ Public API:
   differences of int8 operands with the SAD instruction (`quant`, DESIGN.md section 7).
 """
 
-from pathlib import Path
-
-from triton_adder import checkout
-
-checkout.register(Path(__file__).resolve().parent)  # before anything imports triton_adder.tuning / .reports
-
-from triton_adder import models  # noqa: E402
-from triton_adder.backends.cpu.precompile import precompile  # noqa: E402
-from triton_adder.functional import adder2d  # noqa: E402
-from triton_adder.models.convert import convert  # noqa: E402
-from triton_adder.nn import Adder2d  # noqa: E402
-from triton_adder.optim import adaptive_lr_  # noqa: E402
-from triton_adder.quant import quantize  # noqa: E402
+from triton_adder import models
+from triton_adder.backends.cpu.precompile import precompile
+from triton_adder.functional import adder2d
+from triton_adder.models.convert import convert
+from triton_adder.nn import Adder2d
+from triton_adder.optim import adaptive_lr_
+from triton_adder.quant import quantize
 
 __all__ = ["Adder2d", "adder2d", "adaptive_lr_", "convert", "models", "precompile", "quantize"]
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from triton_adder import reports
+import reports
 from triton_adder.measure.derived import (
     CPU_NOTE,
     ENERGY_PJ_ADD,

@@ -71,7 +71,7 @@ from triton_adder.contract import GRAD_MODES, KERNEL_DTYPES
 from triton_adder.models.census import DEFAULT_GPU_BATCH
 from triton_adder.quant import tuned
 from triton_adder.training import distributed
-from triton_adder.tuning import CacheLocationError
+from tuning import CacheLocationError
 
 __all__ = ["main", "parse_ops", "print_table", "tune_model", "write_report"]
 
@@ -209,7 +209,8 @@ def write_report(target: Path | None, rows: list[Row], model_name: str, batch_si
     (`report.default_output_dir`).
     The tuning table goes into the page and beside it as tuning.csv / tuning.json. Returns the written paths.
     """
-    from triton_adder import bench, report, reports
+    import reports
+    from triton_adder import bench, report
 
     if device.type == "cuda":
         frame = bench.measure(model_name, batch_size, device=device, quick=quick, adder_dtypes=(dtype_name,),

@@ -2,7 +2,7 @@
 
 The SAD kernel (`quant/sad.c`) takes its blocking at run time (`quant.native.Blocking`: register
 block mr x nr, cache block mc x nc, K chunk kc, thread count), so the generic tuner
-(`triton_adder.tuning`) searches it as it searches a Triton kernel's launch config, but times it for
+(`tuning`) searches it as it searches a Triton kernel's launch config, but times it for
 real, by the wall clock, on the machine the user runs: ``python -m triton_adder.tune --model
 resnet50`` tunes it by default where there is no GPU (``--ops int8`` anywhere).
 
@@ -39,7 +39,7 @@ from triton_adder.quant.tuned import (
     kernel_hash,
     problem_of,
 )
-from triton_adder.tuning import (
+from tuning import (
     Constraint,
     SearchSpace,
     Tunable,

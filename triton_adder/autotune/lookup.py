@@ -37,7 +37,7 @@ import torch
 from triton_adder.contract import GRAD_MODES, GRAD_WEIGHT_METHODS, layout_name
 from triton_adder.geometry import Conv2dGeometry, LayerShape
 from triton_adder.kernels.launch_config import MAX_ACCUMULATORS_PER_THREAD, KernelConfig
-from triton_adder.tuning import DeviceIdentity, TuningCache, device_identity
+from tuning import DeviceIdentity, TuningCache, device_identity
 
 OPS = ("forward", "grad_input", "grad_weight")
 BACKWARD_OPS = ("grad_input", "grad_weight")

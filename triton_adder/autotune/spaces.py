@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from triton_adder.autotune.lookup import OPS
 from triton_adder.contract import GRAD_WEIGHT_METHODS
 from triton_adder.kernels.launch_config import MAX_ACCUMULATORS_PER_THREAD, KernelConfig, kernel_config_of
-from triton_adder.tuning import Constraint, estimate_at_most, tile_within
+from tuning import Constraint, estimate_at_most, tile_within
 
 OP_GROUPS = {"fwd": ("forward",), "bwd": ("grad_input", "grad_weight")}
 

@@ -40,7 +40,7 @@ from triton_adder.kernels import forward, grad_input, grad_weight
 from triton_adder.kernels.launch_config import KernelConfig, kernel_config_of
 from triton_adder.measure import sass
 from triton_adder.tolerance import tolerances
-from triton_adder.tuning import ScreenIdentity, ScreenOutOfTime, ScreenResult, SearchSpace, Tunable, screen_time_left
+from tuning import ScreenIdentity, ScreenOutOfTime, ScreenResult, SearchSpace, Tunable, screen_time_left
 
 # Miscompile check of a winner against the default config's output (not a precision test: two
 # Triton configs differ only in summation order, a miscompile is off by O(1)), so the library's

@@ -8,7 +8,7 @@ A problem whose compile-time screen raises for every config it screens (`tuning.
 failed row with the first error, printed to stderr as it happens; the other problems still run.
 Several processes (torchrun ranks) can share the work: `shard=(rank, world_size)` takes every
 world_size-th job, and the cache's file lock merges what each stores (`tuning.cache.TuningCache.store`).
-The search itself is the generic `triton_adder.tuning`; `tunables.make_tunable` describes each
+The search itself is the generic `tuning`; `tunables.make_tunable` describes each
 problem to it.
 """
 
@@ -25,7 +25,7 @@ from triton_adder.autotune import lookup
 from triton_adder.autotune.problems import by_work, channel_divisor, collect_problems, interpreter_problem
 from triton_adder.autotune.tunables import SCREEN_TOP_N, make_tunable
 from triton_adder.models.census import MODEL_INPUT_SIZE
-from triton_adder.tuning import ScreenFailed, TuningCache, TuningResult, benchmarker_for, search
+from tuning import ScreenFailed, TuningCache, TuningResult, benchmarker_for, search
 
 SCREEN_FAILED_NOTE = "screen failed: "
 """How a row's note starts when the problem's screen raised for every config (`tuning.ScreenFailed`)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from triton_adder.tuning.benchmark import CudaEventBenchmarker, WallClockBenchmarker, interleaved
+from tuning.benchmark import CudaEventBenchmarker, WallClockBenchmarker, interleaved
 
 __all__ = ["Recorder", "benchmarker", "memory_budget", "synchronize"]
 

@@ -25,7 +25,7 @@ from dataclasses import asdict
 from triton_adder.autotune import lookup
 from triton_adder.geometry import Conv2dGeometry, LayerShape
 from triton_adder.quant import native
-from triton_adder.tuning import DeviceIdentity, TuningCache
+from tuning import DeviceIdentity, TuningCache
 
 OP = "int8_forward"
 KEY_DTYPE, KEY_LAYOUT = "float32", "contiguous"
